@@ -1,0 +1,134 @@
+"""Per-architecture quirks: how a forward pass with explicit positions and an explicit mask is run.
+
+Everything in this project that calls the model goes through `forward`. Attention visibility is
+given as a boolean matrix `allowed[q, k]` (True = query q may attend to key k), over the keys already
+in the cache followed by the new tokens. The adapter turns it into what the model expects:
+
+- plain causal models (Llama, Qwen2, GPT-2...): one additive float mask `[1, 1, q, k]`;
+- models with sliding-window layers (Gemma 2/3, Mistral...): the window is applied by *position ids*,
+  not by index in the cache, because assembled caches have gaps and out-of-order pieces. Models
+  whose config lists `layer_types` take a dict `{layer_type: mask}` (transformers builds it that way
+  itself); the others take one mask with the window applied.
+
+Cache layers are always plain `DynamicLayer`s (a `DynamicCache()` built without config): a sliding
+layer of transformers would drop keys by index, which is wrong once positions have gaps, so every
+layer keeps all keys and the mask does the windowing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the mask must express for one model, read from its config."""
+
+    window: int | None  # sliding window in positions (None: no sliding layers)
+    layer_types: tuple[str, ...] | None  # config.layer_types when the model dispatches masks by type
+
+
+def attention_spec(config) -> AttentionSpec:
+    config = config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        layer_types = tuple(layer_types)
+        if "sliding_attention" not in layer_types:
+            window = None
+        return AttentionSpec(window=window, layer_types=layer_types)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    return AttentionSpec(window=window, layer_types=None)
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the model's KV cache, from its config."""
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def new_cache(keys=None, values=None) -> DynamicCache:
+    """A cache whose layer i holds `keys[i]`, `values[i]` (`[1, kv_heads, seq, head_dim]`), or empty."""
+    cache = DynamicCache()
+    if keys is not None:
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, i)
+    return cache
+
+
+def cache_kv(cache: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Per-layer keys and values of a cache, each `[1, kv_heads, seq, head_dim]`."""
+    return tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]  # (1, 1, q, k)
+
+
+def build_mask(spec: AttentionSpec, allowed: torch.Tensor | None, q_pos: torch.Tensor,
+               k_pos: torch.Tensor, dtype: torch.dtype):
+    """The `attention_mask` argument for one forward, or None when the model's own causal mask is right.
+
+    allowed: bool `[q, k]` or None, meaning "every cached key plus the new tokens causally".
+    q_pos: `[q]` position ids of the new tokens; k_pos: `[k]` position ids of all keys (cache + new).
+    """
+    q, k = q_pos.shape[0], k_pos.shape[0]
+    if allowed is None:
+        # Within the window everywhere (always so for models without one): the default mask is exact.
+        if spec.window is None or int(q_pos.max() - k_pos.min()) < spec.window:
+            return None
+        allowed = torch.ones(q, k, dtype=torch.bool)
+        allowed[:, k - q:] = torch.ones(q, q, dtype=torch.bool).tril()
+    assert allowed.shape == (q, k), f"mask {tuple(allowed.shape)} != (new {q}, keys {k})"
+    if spec.window is None:
+        return _additive(allowed, dtype)
+    # Sliding layers: a key more than `window - 1` positions behind the query is out of reach.
+    windowed = allowed & ((q_pos[:, None] - k_pos[None, :]) < spec.window)
+    if spec.layer_types is None:
+        return _additive(windowed, dtype)
+    return {"full_attention": _additive(allowed, dtype), "sliding_attention": _additive(windowed, dtype)}
+
+
+@torch.inference_mode()
+def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+            cache_positions: torch.Tensor | None, allowed: torch.Tensor | None = None,
+            last_only: bool = False) -> torch.Tensor:
+    """Run new tokens over `cache` (extended in place) and return their logits.
+
+    input_ids, positions: `[q]`; cache_positions: `[cache_len]` position ids of what is in `cache`
+    (None or empty for an empty cache); allowed: bool `[q, cache_len + q]` or None (see build_mask).
+    Returns logits `[q, vocab]`, or `[1, vocab]` for the last token when `last_only`.
+    """
+    assert input_ids.ndim == 1 and input_ids.shape == positions.shape, "input_ids and positions must be [q]"
+    cached = 0 if cache_positions is None else cache_positions.shape[0]
+    assert cache.get_seq_length() == cached, (
+        f"cache holds {cache.get_seq_length()} tokens but {cached} cache positions were given")
+    k_pos = positions if cached == 0 else torch.cat([cache_positions, positions])
+    dtype = next(model.parameters()).dtype
+    mask = build_mask(attention_spec(model.config), allowed, positions, k_pos, dtype)
+    out = model(
+        input_ids=input_ids[None].to(model.device),
+        position_ids=positions[None].to(model.device),
+        attention_mask=_to(mask, model.device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1 if last_only else 0,
+    )
+    return out.logits[0]
+
+
+def _to(mask, device):
+    if mask is None:
+        return None
+    if isinstance(mask, dict):
+        return {name: m.to(device) for name, m in mask.items()}
+    return mask.to(device)
