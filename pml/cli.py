@@ -1,0 +1,157 @@
+"""The ``pml`` command: ``validate`` and ``layout`` here, engine commands from attention_store.cli."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from pml.errors import PMLError
+from pml.layout import Layout, Tokenizer, compute_layout
+from pml.model import Prompt, Schema
+from pml.parser import parse_file
+from pml.prompt import bind_prompt
+
+__all__ = ["main", "build_parser", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "smollm2-135m"
+TokenizerLoader = Callable[[str], Tokenizer]
+
+
+def _load_tokenizer(name: str) -> Tokenizer:
+    # Imported here so that `pml validate` without a model, and `import pml.cli`, stay free of
+    # torch and transformers.
+    from attention_store.models import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+class _Tokenizers:
+    """Loads each tokenizer once, on first use; failures become PMLError (exit 2, no traceback)."""
+
+    def __init__(self, loader: TokenizerLoader) -> None:
+        self.loader = loader
+        self.cache: dict[str, Tokenizer] = {}
+
+    def get(self, name: str) -> Tokenizer:
+        if name not in self.cache:
+            try:
+                self.cache[name] = self.loader(name)
+            except PMLError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any loader failure is reported, not traced
+                raise PMLError(f"cannot load tokenizer {name!r}: {type(e).__name__}: {e}") from None
+        return self.cache[name]
+
+
+def _error_line(e: PMLError, file: str) -> str:
+    return str(e.with_file(file))
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    toks: _Tokenizers = args.tokenizers
+    model = args.model or DEFAULT_MODEL
+    schema: Schema | None = None
+    layout: Layout | None = None
+    if args.schema:
+        try:
+            parsed = parse_file(args.schema)
+            if not isinstance(parsed, Schema):
+                raise PMLError("--schema must name a <schema> file, this is a <prompt>", file=args.schema)
+            schema = parsed
+        except PMLError as e:
+            print(_error_line(e, args.schema), file=sys.stderr)
+            return 2
+    ok = True
+    for file in args.files:
+        try:
+            doc = parse_file(file)
+            if isinstance(doc, Schema) and args.model:
+                compute_layout(doc, toks.get(model))  # scaffolds must fit their slots
+            elif isinstance(doc, Prompt) and schema is not None:
+                if layout is None:
+                    try:
+                        layout = compute_layout(schema, toks.get(model))
+                    except PMLError as e:
+                        raise e.with_file(args.schema)
+                bind_prompt(doc, layout, toks.get(model))
+        except PMLError as e:
+            ok = False
+            print(_error_line(e, file), file=sys.stderr)
+        else:
+            print(f"{file}: ok")
+    return 0 if ok else 2
+
+
+def _cmd_layout(args: argparse.Namespace) -> int:
+    doc = parse_file(args.schema)
+    if not isinstance(doc, Schema):
+        raise PMLError("expected a <schema> file, this is a <prompt>", file=args.schema)
+    layout = compute_layout(doc, args.tokenizers.get(args.model or DEFAULT_MODEL))
+    rows = [
+        {"path": s.path, "kind": s.kind, "start": s.start, "end": s.end, "tokens": len(s.token_ids)}
+        for s in layout.segments
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max([len("path")] + [len(r["path"] or "(root)") for r in rows])
+    print(f"{'path':<{width}}  {'kind':<9}  {'start':>6}  {'end':>6}  {'tokens':>6}")
+    for r in rows:
+        print(f"{r['path'] or '(root)':<{width}}  {r['kind']:<9}  {r['start']:>6}  {r['end']:>6}  {r['tokens']:>6}")
+    print(f"schema {layout.schema_name}: {layout.length} positions, {len(layout.modules)} modules")
+    return 0
+
+
+def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Let attention_store register encode/store/run/demo/bench, when it is installed."""
+    try:
+        from attention_store.cli import add_commands
+    except ImportError:
+        return
+    add_commands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pml", description="Prompt Markup Language tools (Prompt Cache).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    v = sub.add_parser(
+        "validate",
+        help="check schemas and prompts",
+        description="Check PML files. A prompt is checked against --schema when given (token "
+        "lengths with --model's tokenizer); a schema is laid out with --model when given.",
+    )
+    v.add_argument("files", nargs="+", metavar="FILE", help="schema or prompt files")
+    v.add_argument("--schema", metavar="FILE", help="schema to check prompts against")
+    v.add_argument("--model", metavar="NAME", help=f"tokenizer for length checks (default {DEFAULT_MODEL})")
+    v.set_defaults(func=_cmd_validate)
+
+    lay = sub.add_parser("layout", help="show a schema's token layout", description="Print every segment's positions.")
+    lay.add_argument("schema", metavar="SCHEMA", help="schema file")
+    lay.add_argument("--model", metavar="NAME", help=f"tokenizer (default {DEFAULT_MODEL})")
+    lay.add_argument("--json", action="store_true", help="print JSON: one object per segment")
+    lay.set_defaults(func=_cmd_layout)
+
+    _add_engine_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, tokenizer_loader: TokenizerLoader | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input). ``tokenizer_loader`` is for tests."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    args.tokenizers = _Tokenizers(tokenizer_loader or _load_tokenizer)
+    try:
+        return int(args.func(args) or 0)
+    except PMLError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
