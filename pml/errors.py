@@ -35,7 +35,7 @@ class PMLError(Exception):
                 where += f"{self.line}:"
             where += " "
         elif self.line is not None:
-            where = f"line {self.line}: "
+            where = f"{self.line}: "
         element = f"<{self.element}>: " if self.element else ""
         return f"{where}error: {element}{self.message}"
 

@@ -43,6 +43,13 @@ _START = (
 _NCNAME = re.compile(f"[{_START}][{_START}\\-.0-9\u00b7\u0300-\u036f\u203f-\u2040]*")
 _LEAD = re.compile(r"\s*\n")  # leading whitespace up to the last newline before the text
 _TRAIL = re.compile(r"\n\s*\Z")  # trailing whitespace from the first newline after the text
+# A declaration outside comments and CDATA; found before lxml sees the text, so that a hostile
+# DTD is refused with a clear message instead of whatever the XML library makes of it.
+_DECL = re.compile(rb"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<!(DOCTYPE|ENTITY|ELEMENT|ATTLIST)", re.DOTALL)
+_DTD_MESSAGE = (
+    "DOCTYPE, DTD and entity declarations are not allowed in PML (they could read files "
+    "or expand without bound): remove the <!DOCTYPE ...> declaration"
+)
 
 
 def _parser() -> etree.XMLParser:
@@ -101,6 +108,10 @@ def _load(source: str | bytes, ctx: _Ctx) -> etree._Element:
         source = source.encode("utf-8")
     if not isinstance(source, bytes):
         raise PMLError(f"expected XML text or bytes, got {type(source).__name__}", file=ctx.file)
+    for m in _DECL.finditer(source):
+        if m.group(1):
+            line = 1 + source.count(b"\n", 0, m.start())
+            raise PMLError(_DTD_MESSAGE, file=ctx.file, line=line, element="!" + m.group(1).decode())
     try:
         root = etree.fromstring(source, _parser())
     except etree.XMLSyntaxError as e:
@@ -114,13 +125,7 @@ def _load(source: str | bytes, ctx: _Ctx) -> etree._Element:
     info = root.getroottree().docinfo
     if info.doctype or info.internalDTD is not None or info.externalDTD is not None:
         line = 1 + source[: max(source.find(b"<!DOCTYPE"), 0)].count(b"\n")
-        raise PMLError(
-            "DOCTYPE, DTD and entity declarations are not allowed in PML (they could read files "
-            "or expand without bound): remove the <!DOCTYPE ...> declaration",
-            file=ctx.file,
-            line=line,
-            element="!DOCTYPE",
-        )
+        raise PMLError(_DTD_MESSAGE, file=ctx.file, line=line, element="!DOCTYPE")
     return root
 
 
