@@ -1,0 +1,110 @@
+"""Assemble a prompt's cache from stored module states, and list the tokens still to compute.
+
+Given a bound prompt (selected modules, parameter values, new text), the cached states of the
+schema's root text and of every selected cacheable module are concatenated into one transformers
+cache, each token keeping its reserved position. What remains is *fresh*: parameter values at their
+slots (a scaffold is reused when the value is the scaffold itself), the text of `cache="false"`
+modules, and the prompt's own text, placed after the schema's highest reserved position.
+
+Fresh tokens attend to every assembled state and causally to each other, as in the paper: a
+parameter value thus sees the module text around it, while cached text never sees the value.
+The full-prefill baseline is `baseline_tokens`: the same token ids with contiguous positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attention_store import adapter
+from attention_store.encoder import ROOT, EncodePlan
+from attention_store.store import KVEntry
+
+
+@dataclass
+class Assembled:
+    """A ready cache plus the fresh tokens to prefill over it."""
+
+    cache: object  # transformers DynamicCache, per layer [1, kv_heads, cached_tokens, head_dim]
+    cache_positions: torch.Tensor  # [cached_tokens] position id of every cached state
+    fresh_ids: torch.Tensor  # [fresh] token ids to compute, in order
+    fresh_positions: torch.Tensor  # [fresh] their position ids
+    next_position: int  # where decoding continues
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache_positions.numel()
+
+
+def used_units(p: EncodePlan, bound) -> list[str]:
+    """Units whose stored states this prompt reuses: root text, then selected cacheable modules."""
+    return [u for u in [ROOT, *bound.modules] if u in p.units]
+
+
+def _slots(layout, path: str):
+    return [s for s in layout.segments if s.path == path and s.kind == "parameter"]
+
+
+def _value(bound, path: str, seg) -> tuple[int, ...]:
+    return tuple(bound.arguments.get((path, seg.name), seg.token_ids))
+
+
+def fresh_tokens(layout, bound) -> tuple[list[int], list[int]]:
+    """Ids and positions of everything not served from the store, in the order they are computed."""
+    ids: list[int] = []
+    pos: list[int] = []
+    selected = set(bound.modules)
+    for seg in layout.segments:
+        if seg.path not in selected or seg.kind == "module":
+            continue
+        cached = layout.modules[seg.path].cache
+        if seg.kind == "parameter":
+            value = _value(bound, seg.path, seg)
+            if cached and value == tuple(seg.token_ids):
+                continue  # the stored scaffold is the value
+        elif cached:
+            continue
+        else:
+            value = tuple(seg.token_ids)
+        ids += value
+        pos += range(seg.start, seg.start + len(value))
+    ids += bound.suffix_ids
+    pos += range(layout.length, layout.length + len(bound.suffix_ids))
+    return ids, pos
+
+
+def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: torch.dtype,
+             device="cpu") -> Assembled:
+    """Concatenate the stored states this prompt uses into one cache (model dtype, model device)."""
+    keys, values, positions = [], [], []
+    for unit in used_units(p, bound):
+        entry = entries[unit]
+        keep = ~entry.replaceable
+        for seg in _slots(layout, unit):
+            if _value(bound, unit, seg) == tuple(seg.token_ids):
+                keep |= (entry.positions >= seg.start) & (entry.positions < seg.end)
+        keys.append([k[:, :, keep] for k in entry.keys])
+        values.append([v[:, :, keep] for v in entry.values])
+        positions.append(entry.positions[keep])
+    if keys:
+        cat = lambda parts, layer: torch.cat([p_[layer] for p_ in parts], dim=2).to(device=device, dtype=dtype)
+        cache = adapter.new_cache([cat(keys, i) for i in range(len(keys[0]))],
+                                  [cat(values, i) for i in range(len(values[0]))])
+        cache_positions = torch.cat(positions)
+    else:
+        cache, cache_positions = adapter.new_cache(), torch.zeros(0, dtype=torch.long)
+    ids, pos = fresh_tokens(layout, bound)
+    return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
+                     torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids))
+
+
+def baseline_tokens(layout, bound) -> list[int]:
+    """The prompt as one ordinary sequence: the same token ids, in layout order, then the new text."""
+    ids: list[int] = []
+    selected = set(bound.modules)
+    for seg in layout.segments:
+        if seg.kind == "module" or (seg.path != ROOT and seg.path not in selected):
+            continue
+        ids += _value(bound, seg.path, seg) if seg.kind == "parameter" else seg.token_ids
+    return ids + list(bound.suffix_ids)

@@ -1,0 +1,94 @@
+"""Prefill, one decode step, and the decode loop, with explicit positions throughout.
+
+`model.generate()` would continue at the cache *length*; an assembled cache has gaps in its
+positions, so the next position is carried here explicitly (`DecodeState.next_position`).
+Each phase is its own function so that callers can time or swap it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from attention_store import adapter
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64  # hard cap on generated tokens
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples
+    top_p: float = 1.0  # nucleus sampling mass (only when sampling)
+    seed: int | None = None  # sampling seed; None = nondeterministic
+    stop: tuple[str, ...] = ()  # stop strings; the text is cut before the first one
+    eos_ids: tuple[int, ...] | None = None  # None = the tokenizer's end-of-turn / EOS ids
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class DecodeState:
+    """The growing cache during decoding. cache layers: [1, kv_heads, len(positions), head_dim]."""
+
+    cache: object
+    positions: torch.Tensor  # [cache_len] position id of every state in the cache
+    next_position: int  # position id of the next token to feed
+    generated: list[int] = field(default_factory=list)
+
+
+def prefill(lm, cache, cache_positions: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+            next_position: int | None = None) -> tuple[torch.Tensor, DecodeState]:
+    """Compute `ids` over `cache` (all cached states visible); logits `[vocab]` of the last token."""
+    assert ids.numel() > 0, "prefill needs at least one new token (the prompt adds no text?)"
+    logits = adapter.forward(lm.model, ids, positions, cache, cache_positions, last_only=True)[-1]
+    all_positions = torch.cat([cache_positions, positions])
+    nxt = int(positions.max()) + 1 if next_position is None else next_position
+    return logits, DecodeState(cache, all_positions, nxt)
+
+
+def decode_step(lm, state: DecodeState, token: int) -> torch.Tensor:
+    """Feed one token at `state.next_position`; logits `[vocab]` of the next one."""
+    pos = torch.tensor([state.next_position], dtype=torch.long)
+    logits = adapter.forward(lm.model, torch.tensor([token], dtype=torch.long), pos, state.cache,
+                             state.positions, last_only=True)[-1]
+    state.positions = torch.cat([state.positions, pos])
+    state.next_position += 1
+    return logits
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else temperature + top-p sampling."""
+    if cfg.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def decode(lm, state: DecodeState, first_logits: torch.Tensor, cfg: GenerationConfig) -> Iterator[int]:
+    """Yield generated token ids until EOS, max_new_tokens (stop strings are the caller's: text level)."""
+    eos = set(lm.tokenizer.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
+    generator = None
+    if cfg.temperature > 0 and cfg.seed is not None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+    logits = first_logits
+    while len(state.generated) < cfg.max_new_tokens:
+        token = sample(logits, cfg, generator)
+        if token in eos:
+            return
+        state.generated.append(token)
+        yield token
+        if len(state.generated) < cfg.max_new_tokens:
+            logits = decode_step(lm, state, token)
