@@ -443,7 +443,9 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     elif Path(name).expanduser().is_dir():
         model_dir = Path(name).expanduser()
         fingerprint = files_fingerprint(Path(model_dir))
-    elif "/" in name and not Path(name).exists():
+    elif name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model dir {name} does not exist")
+    elif "/" in name:
         model_dir = name  # a hub id, for users who have the hub; resolved to its snapshot dir below
         fingerprint = ""
     else:
