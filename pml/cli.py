@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,6 +15,8 @@ from pml.parser import parse_file
 from pml.prompt import bind_prompt
 
 __all__ = ["main", "build_parser", "DEFAULT_MODEL"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TokenizerLoader = Callable[[str], Tokenizer]
@@ -108,7 +111,11 @@ def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
     """Let attention_store register encode/store/run/demo/bench, when it is installed."""
     try:
         from attention_store.cli import add_commands
-    except ImportError:
+    except ImportError as e:
+        # Not there (a pml-only install): nothing to add. Present but broken: say so, and keep
+        # validate/layout working.
+        if e.name not in ("attention_store", "attention_store.cli"):
+            log.warning("engine commands unavailable: %s", e)
         return
     add_commands(subparsers)
 

@@ -1,0 +1,28 @@
+"""pml never imports torch or transformers, and library code never prints."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PML = Path(__file__).resolve().parents[2] / "pml"
+
+
+def test_importing_pml_loads_no_model_libraries():
+    code = (
+        "import pml, pml.parser, pml.layout, pml.prompt, pml.builder, pml.cli, pml.model, pml.errors; import sys; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PML.parent)
+    assert r.returncode == 0, r.stderr
+
+
+def test_library_code_never_prints():
+    for f in PML.glob("*.py"):
+        if f.name == "cli.py":
+            continue
+        calls = [n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+        assert not calls, f"{f.name} prints; use logging"
