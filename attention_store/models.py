@@ -208,6 +208,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is meant to be readable like any file
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -376,7 +377,10 @@ def ensure_converted(name: str) -> Path:
         log.warning("converting %s from %s into %s once; this takes about a minute", name, gguf.name, target)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.tmp-"))
         try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0700
             _convert_gguf(spec, gguf, tmp)
+            for f in tmp.iterdir():
+                os.chmod(f, 0o644)
             if target.exists():  # a half-written dir from a killed conversion
                 shutil.rmtree(target)
             os.rename(tmp, target)

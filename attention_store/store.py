@@ -358,6 +358,7 @@ class DiskTier(Tier):
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
