@@ -13,7 +13,10 @@ does no timing inside them.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 
 from attention_store import assembler, encoder, generation
 from attention_store.generation import GenerationConfig
-from attention_store.store import AttentionStore, MemoryTier
+from attention_store.store import AttentionStore, MemoryTier, default_store_dir
 from pml.errors import PMLError
 from pml.layout import compute_layout
 from pml.parser import parse_prompt, parse_schema
@@ -33,6 +36,46 @@ log = logging.getLogger(__name__)
 
 MEMORY_BUDGET = 4 << 30  # bytes of KV kept in the memory tier by default
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StoreMismatch(ValueError):
+    """A store folder holds states of another model or tokenizer."""
+
+
+OWNER_FILE = "owner.json"
+
+
+def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = None) -> AttentionStore:
+    """A disk-backed store for `lm`: `path`, or a folder per model under the default store folder.
+
+    A store folder belongs to one model: `owner.json` names its weights and tokenizer fingerprints,
+    and opening it with another model is a `StoreMismatch` (entry keys would never be served across
+    models anyway, since they include both fingerprints; this turns a silent full recompute into a
+    clear error). The check writes nothing when it fails.
+    """
+    root = Path(path) if path is not None else default_store_dir() / re.sub(r"[^\w.-]+", "_", lm.name)
+    owner = {"model": lm.name, "model_fingerprint": lm.fingerprint,
+             "tokenizer_fingerprint": lm.tokenizer.fingerprint}
+    marker = root / OWNER_FILE
+    if marker.is_file():
+        try:
+            found = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            raise StoreMismatch(f"{marker} is unreadable ({e}); remove it to adopt the store") from None
+        if (found.get("model_fingerprint"), found.get("tokenizer_fingerprint")) != (
+                owner["model_fingerprint"], owner["tokenizer_fingerprint"]):
+            raise StoreMismatch(
+                f"store {root} holds states of model {found.get('model')!r} (weights "
+                f"{str(found.get('model_fingerprint'))[:12]}), not of {lm.name!r} (weights "
+                f"{lm.fingerprint[:12]}); use another --store folder, or empty this one with "
+                f"`pml store rm --all --store {root}` and delete {marker}")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{OWNER_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(owner, indent=1))
+        os.replace(tmp, marker)
+    budget = MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
+    return AttentionStore.from_dir(root, memory_budget_bytes=budget)
 
 
 @dataclass(frozen=True)
@@ -103,7 +146,8 @@ class PromptCache:
         """Load a model by registry name or directory, with a disk-backed store (default folder if None)."""
         from attention_store.models import load_model
 
-        return cls(load_model(model), AttentionStore.from_dir(store_dir), **kwargs)
+        lm = load_model(model)
+        return cls(lm, open_store(store_dir, lm), **kwargs)
 
     # -- schemas -------------------------------------------------------------------------------
     def add_schema(self, source: str | Path):

@@ -1,0 +1,259 @@
+"""`pml encode`, `pml store`, `pml run` and `pml demo`: the model-side commands of the `pml` CLI.
+
+Registered by `pml.cli` through `add_commands`; this module imports torch only inside handlers so
+that `pml validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("encode", help="precompute a schema's module states into the store")
+    p.add_argument("schema", help="PML schema file")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=_user_errors(cmd_encode))
+
+    p = sub.add_parser("store", help="list, remove or verify stored module states")
+    p.add_argument("action", choices=["ls", "rm", "verify"])
+    p.add_argument("keys", nargs="*", help="entry keys (or unique prefixes) for rm")
+    p.add_argument("--store", help="store folder (default: a user cache folder)")
+    p.add_argument("--schema", help="rm: every entry of this schema")
+    p.add_argument("--all", action="store_true", help="rm: every entry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_user_errors(cmd_store))
+
+    p = sub.add_parser("run", help="answer a PML prompt, from the cache or by full prefill")
+    p.add_argument("prompt", help="PML prompt file")
+    p.add_argument("--schema", required=True, help="the prompt's PML schema file")
+    _model_args(p)
+    _generation_args(p)
+    p.add_argument("--no-cache", action="store_true", help="full prefill baseline (no stored states)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="one JSON object: text, usage, timing")
+    p.set_defaults(func=_user_errors(cmd_run))
+
+    p = sub.add_parser("demo", help="the example schema answered with and without the cache")
+    p.add_argument("--model", default="smollm2-135m", help="registry name or model folder")
+    p.add_argument("--store", help="store folder (default: a user cache folder)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=_user_errors(cmd_demo))
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name (smollm2-135m, gemma3-270m) or model folder")
+    p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
+    p.add_argument("--policy", default="independent", choices=["independent", "schema"],
+                   help="encoding context of modules (default: independent, the paper's)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="storage dtype of states")
+
+
+def _generation_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="pml: %(message)s", stream=sys.stderr)
+
+
+def _engine(args):
+    from attention_store.engine import PromptCache, open_store
+
+    lm = _load(args.model)
+    return PromptCache(lm, open_store(args.store, lm), policy=getattr(args, "policy", "independent"),
+                       storage_dtype=getattr(args, "dtype", "fp32"))
+
+
+class UserError(Exception):
+    """Bad input to a model-side command: printed as `pml: error: MESSAGE`, exit 2."""
+
+
+def _load(name: str):
+    from attention_store.models import load_model
+
+    try:
+        return load_model(name)
+    except KeyError as e:  # unknown model name: the message lists the built-in ones
+        raise UserError(e.args[0]) from None
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise UserError(f"cannot load model {name!r}: {e}") from None
+
+
+def _user_errors(handler):
+    """Turn known bad-input exceptions into one line on stderr and exit code 2."""
+    import functools
+
+    @functools.wraps(handler)
+    def run(args) -> int:
+        from attention_store.engine import StoreMismatch
+
+        try:
+            return handler(args)
+        except (UserError, StoreMismatch) as e:
+            print(f"pml: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and e.filename:
+                print(f"{e.filename}: error: no such file", file=sys.stderr)
+                return 2
+            raise
+
+    return run
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def cmd_encode(args) -> int:
+    _setup_logging()
+    from attention_store.adapter import kv_shape
+
+    pc = _engine(args)
+    name = pc.add_schema(args.schema).schema_name
+    t = time.perf_counter()
+    report = pc.encode(name, progress=_progress(f"encoding {name}"))
+    seconds = time.perf_counter() - t
+    layers, kv_heads, head_dim = kv_shape(pc.lm.model.config)
+    expected = 2 * layers * kv_heads * head_dim * pc.storage_dtype.itemsize
+    out = {"schema": name, "modules": report.modules, "tokens": report.tokens, "bytes": report.bytes,
+           "bytes_per_token": report.bytes_per_token, "expected_bytes_per_token": expected,
+           "encoded": report.encoded, "seconds": round(seconds, 3)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"schema {name}: {report.modules} modules ({report.encoded} encoded now, "
+              f"{report.modules - report.encoded} already stored), {report.tokens} tokens, "
+              f"{report.bytes / 2**20:.2f} MiB in {seconds:.2f} s")
+        print(f"bytes per token: {report.bytes_per_token:.0f} (2 x {layers} layers x {kv_heads} kv heads "
+              f"x {head_dim} head dim x {pc.storage_dtype.itemsize} bytes = {expected})")
+    return 0
+
+
+def cmd_store(args) -> int:
+    _setup_logging()
+    import dataclasses
+
+    from attention_store.store import AttentionStore, default_store_dir
+
+    root = Path(args.store) if args.store else default_store_dir()
+    if not root.is_dir():
+        raise UserError(f"no store at {root}")
+    # Without --store, list every per-model store under the default folder.
+    roots = [root] if args.store or (root / "owner.json").is_file() else sorted(
+        p for p in root.iterdir() if (p / "owner.json").is_file()) or [root]
+    stores = [AttentionStore.from_dir(r) for r in roots]
+    rows = [(r, row) for r, st in zip(roots, stores) for row in st.entries()]
+    if args.action == "ls":
+        if args.json:
+            print(json.dumps([{**dataclasses.asdict(row.meta), "tier": ",".join(row.tiers), "store": str(r)}
+                              for r, row in rows]))
+            return 0
+        print(f"{'key':12}  {'schema':16} {'module':28} {'model':14} {'policy':11} {'dtype':8} {'tokens':>7} {'bytes':>11}  tier")
+        for _, row in rows:
+            m = row.meta
+            print(f"{m.key[:12]}  {m.schema[:16]:16} {(m.module or '(root text)')[:28]:28} {m.model[:14]:14} "
+                  f"{m.policy:11} {m.dtype:8} {m.tokens:>7} {m.nbytes:>11}  {','.join(row.tiers)}")
+        print(f"{len(rows)} entries, {sum(row.meta.nbytes for _, row in rows) / 2**20:.2f} MiB in "
+              f"{', '.join(map(str, roots))}")
+        return 0
+    if args.action == "verify":
+        results = {k: ok for st in stores for k, ok in st.disk.verify_all().items()}
+        bad = [k for k, ok in results.items() if not ok]
+        print(f"{len(results)} entries checked, {len(bad)} corrupted" + "".join(f"\n  {k} (removed)" for k in bad))
+        return 1 if bad else 0
+    if not (args.keys or args.schema or args.all):
+        print("pml store rm: name entries to remove (KEY prefixes), --schema NAME or --all", file=sys.stderr)
+        return 2
+    removed = 0
+    for st in stores:
+        for row in st.entries():
+            m = row.meta
+            if args.all or (args.schema and m.schema == args.schema) or any(m.key.startswith(k) for k in args.keys):
+                removed += st.delete(m.key)
+    print(f"removed {removed} entries")
+    return 0
+
+
+def _generation_config(args):
+    from attention_store.generation import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_run(args) -> int:
+    _setup_logging()
+    pc = _engine(args)
+    pc.add_schema(args.schema)
+    on_text = None
+    if args.stream and not args.json:
+        def on_text(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    result = pc.answer(Path(args.prompt), use_cache=not args.no_cache, config=_generation_config(args),
+                       on_text=on_text)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print("" if args.stream else result.text)
+    u, t = result.usage, result.timing
+    print(f"\n[{'full prefill' if args.no_cache else 'cached'}] prompt {u.prompt_tokens} tokens "
+          f"({u.cached_tokens} cached), {u.completion_tokens} generated; TTFT {t.ttft_ms:.1f} ms "
+          f"(cache {t.cache_ms:.1f} + prefill {t.prefill_ms:.1f}), {t.decode_tokens_per_s:.1f} tok/s",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    _setup_logging()
+    from attention_store.engine import PromptCache, open_store
+    from attention_store.generation import GenerationConfig
+
+    schema, prompt = EXAMPLES / "travel.pml", EXAMPLES / "travel_prompt.pml"
+    if not schema.is_file():
+        print(f"pml demo: example schema not found at {schema} (run from a source checkout)", file=sys.stderr)
+        return 2
+    lm = _load(args.model)
+    pc = PromptCache(lm, open_store(args.store, lm))
+    layout = pc.add_schema(schema)
+    print(f"schema {layout.schema_name}: {len(layout.modules)} modules over {layout.length} reserved positions")
+    report = pc.encode(layout.schema_name, progress=_progress("encoding"))
+    print(f"stored {report.modules} entries, {report.tokens} tokens, {report.bytes / 2**20:.2f} MiB "
+          f"({report.encoded} encoded now)")
+    print(f"prompt ({prompt.name}):\n{prompt.read_text().strip()}\n")
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    for use_cache in (False, True):
+        r = pc.answer(prompt, use_cache=use_cache, config=config)
+        label = "with the cache " if use_cache else "full prefill   "
+        print(f"{label}| TTFT {r.timing.ttft_ms:7.1f} ms | prompt {r.usage.prompt_tokens} tokens, "
+              f"{r.usage.cached_tokens} cached | {r.text.strip()!r}")
+    print("\nNext: pml layout examples/travel.pml; pml run examples/travel_prompt.pml --schema examples/travel.pml")
+    return 0
