@@ -105,7 +105,10 @@ class _Ctx:
 
 def _load(source: str | bytes, ctx: _Ctx) -> etree._Element:
     if isinstance(source, str):
-        source = source.encode("utf-8")
+        try:
+            source = source.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PMLError(f"text is not valid Unicode ({e.reason} at character {e.start})", file=ctx.file) from None
     if not isinstance(source, bytes):
         raise PMLError(f"expected XML text or bytes, got {type(source).__name__}", file=ctx.file)
     for m in _DECL.finditer(source):
