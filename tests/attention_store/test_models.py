@@ -203,3 +203,17 @@ def test_smollm2_answers_paris():
     with torch.no_grad():
         out = lm.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, len(ids):].tolist())
+
+
+def test_load_model_from_a_local_dir(cache_home, tmp_path):
+    model_dir = tmp_path / "local"
+    tiny_model("llama").model.save_pretrained(model_dir)
+    _word_tokenizer().save_pretrained(model_dir)
+    lm = load_model(model_dir, dtype=torch.float16)
+    assert lm.dtype == torch.float16 and lm.model.dtype == torch.float16 and not lm.model.training
+    assert lm.model.config._attn_implementation == "sdpa"
+    assert lm.fingerprint == files_fingerprint(model_dir)
+    assert lm.tokenizer.encode("hello world") == [3, 4]
+    assert load_tokenizer(model_dir).fingerprint == lm.tokenizer.fingerprint
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing")
