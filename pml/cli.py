@@ -30,6 +30,10 @@ def _load_tokenizer(name: str) -> Tokenizer:
     return load_tokenizer(name)
 
 
+class TokenizerLoadError(PMLError):
+    """The tokenizer could not be loaded: a problem of the environment, not of any one file."""
+
+
 class _Tokenizers:
     """Loads each tokenizer once, on first use; failures become PMLError (exit 2, no traceback)."""
 
@@ -41,10 +45,8 @@ class _Tokenizers:
         if name not in self.cache:
             try:
                 self.cache[name] = self.loader(name)
-            except PMLError:
-                raise
             except Exception as e:  # noqa: BLE001 - any loader failure is reported, not traced
-                raise PMLError(f"cannot load tokenizer {name!r}: {type(e).__name__}: {e}") from None
+                raise TokenizerLoadError(f"cannot load tokenizer {name!r}: {type(e).__name__}: {e}") from None
         return self.cache[name]
 
 
@@ -74,11 +76,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 compute_layout(doc, toks.get(model))  # scaffolds must fit their slots
             elif isinstance(doc, Prompt) and schema is not None:
                 if layout is None:
+                    tokenizer = toks.get(model)
                     try:
-                        layout = compute_layout(schema, toks.get(model))
+                        layout = compute_layout(schema, tokenizer)
                     except PMLError as e:
-                        raise e.with_file(args.schema)
+                        raise e.with_file(args.schema) from None
                 bind_prompt(doc, layout, toks.get(model))
+        except TokenizerLoadError:
+            raise  # main prints it once, without blaming a file
         except PMLError as e:
             ok = False
             print(_error_line(e, file), file=sys.stderr)

@@ -123,7 +123,10 @@ def test_tokenizer_load_failure_is_an_error_line(capsys, examples):
 
     code = cli.main(["layout", str(examples / "travel.pml"), "--model", "nope"], tokenizer_loader=broken)
     assert code == 2
-    assert "cannot load tokenizer 'nope'" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("error: cannot load tokenizer 'nope': OSError: no such model")
+    code = cli.main(["validate", str(examples / "travel_prompt.pml"), "--schema", str(examples / "travel.pml")], tokenizer_loader=broken)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.startswith("error: cannot load tokenizer 'smollm2-135m'")
 
 
 def test_no_command_prints_help(capsys):
