@@ -1,0 +1,168 @@
+"""PromptCache behaviour: bad input, generation options, the disk tier across instances."""
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from attention_store import encoder
+from attention_store.engine import PromptCache, StoreMismatch, open_store
+from attention_store.generation import GenerationConfig
+from attention_store.tiny import tiny_model
+from pml.errors import PMLError
+
+SCHEMA = """<schema name="s">
+  Intro.
+  <module name="doc">A document about the history of tea in China and India.</module>
+  <union>
+    <module name="x">Option x.</module>
+    <module name="y">Option y.</module>
+  </union>
+  <module name="q">Question about <parameter name="topic" length="4"/> please.</module>
+</schema>"""
+PROMPT = '<prompt schema="s"><doc/><x/><q topic="tea"/>Tell me more.</prompt>'
+GREEDY = GenerationConfig(max_new_tokens=6, eos_ids=())
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+def entry_keys(pc):
+    return sorted(row.meta.key for row in pc.store.entries())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('<prompt schema="nope">Hi</prompt>', "schema 'nope'"),
+    ('<prompt schema="s"><missing/>Hi</prompt>', "missing"),
+    ('<prompt schema="s"><x/><y/>Hi</prompt>', "union"),
+    ('<prompt schema="s"><q topic="far too long a topic for four tokens"/>Hi</prompt>', "topic"),
+    ('<prompt schema="s"><q colour="red"/>Hi</prompt>', "colour"),
+    ('<prompt schema="s"><doc>', r"^1: error: .*(closed|end|tag)"),
+])
+def test_bad_prompts_are_clear_errors_and_change_nothing(lm, tmp_path, bad, message):
+    pc = PromptCache(lm, open_store(tmp_path, lm))
+    pc.add_schema(SCHEMA)
+    pc.encode("s")
+    before = entry_keys(pc)
+    with pytest.raises(PMLError, match=message):
+        pc.answer(bad, config=GREEDY)
+    assert entry_keys(pc) == before
+
+
+def test_a_store_of_another_model_is_refused_and_left_alone(tmp_path):
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    pc = PromptCache(a, open_store(tmp_path, a))
+    pc.add_schema(SCHEMA)
+    pc.encode("s")
+    files = sorted(p.name for p in tmp_path.rglob("*"))
+    owner = (tmp_path / "owner.json").read_text()
+    with pytest.raises(StoreMismatch, match="use another --store folder"):
+        open_store(tmp_path, b)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == files
+    assert (tmp_path / "owner.json").read_text() == owner
+
+
+def test_second_instance_reads_states_from_disk_without_recomputing(lm, tmp_path, monkeypatch):
+    first = PromptCache(lm, open_store(tmp_path, lm))
+    first.add_schema(SCHEMA)
+    report = first.encode("s")
+    assert report.encoded == report.modules > 0
+    # bytes per token = 2 x layers x kv_heads x head_dim x 4 (fp32)
+    cfg = lm.model.config
+    assert report.bytes_per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    want = first.answer(PROMPT, config=GREEDY)
+
+    calls = []
+    real = encoder.encode_units
+    monkeypatch.setattr(encoder, "encode_units", lambda *a, **k: calls.append(a) or real(*a, **k))
+    second = PromptCache(lm, open_store(tmp_path, lm))  # as a new process would: empty memory tier
+    second.add_schema(SCHEMA)
+    got = second.answer(PROMPT, config=GREEDY)
+    assert calls == [] and got.token_ids == want.token_ids
+    assert got.usage.cached_tokens == want.usage.cached_tokens > 0
+
+
+def test_corrupted_store_file_is_detected_and_recomputed(lm, tmp_path, caplog):
+    pc = PromptCache(lm, open_store(tmp_path, lm))
+    pc.add_schema(SCHEMA)
+    pc.encode("s")
+    want = pc.answer(PROMPT, config=GREEDY)
+    for f in tmp_path.rglob("*.safetensors"):
+        data = bytearray(f.read_bytes())
+        data[-20:] = bytes(20)  # zero the tail of the payload
+        f.write_bytes(bytes(data))
+    fresh = PromptCache(lm, open_store(tmp_path, lm))
+    fresh.add_schema(SCHEMA)
+    with caplog.at_level(logging.WARNING):
+        got = fresh.answer(PROMPT, config=GREEDY)
+    assert got.token_ids == want.token_ids
+    assert any("corrupt" in r.message.lower() or "checksum" in r.message.lower() for r in caplog.records)
+
+
+def test_states_in_storage_dtypes_round_trip(lm, tmp_path):
+    answers = {}
+    for dtype in ("fp32", "fp16", "bf16"):
+        pc = PromptCache(lm, open_store(tmp_path / dtype, lm), storage_dtype=dtype)
+        pc.add_schema(SCHEMA)
+        report = pc.encode("s")
+        size = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+        cfg = lm.model.config
+        assert report.bytes_per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size
+        answers[dtype] = pc.logprobs(PROMPT, [40, 41, 42])
+    torch.testing.assert_close(answers["fp16"], answers["fp32"], atol=0.05, rtol=0)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(lm):
+    pc = PromptCache(lm)
+    pc.add_schema(SCHEMA)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7, eos_ids=())
+    a, b = pc.answer(PROMPT, config=cfg), pc.answer(PROMPT, config=cfg)
+    c = pc.answer(PROMPT, config=dataclasses.replace(cfg, seed=8))
+    greedy = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=12, eos_ids=()))
+    assert a.token_ids == b.token_ids
+    assert len({a.token_ids, c.token_ids, greedy.token_ids}) > 1
+
+
+def test_stop_strings_eos_streaming_and_length(lm):
+    pc = PromptCache(lm)
+    pc.add_schema(SCHEMA)
+    full = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=10, eos_ids=()))
+    assert full.finish_reason == "length" and full.usage.completion_tokens == 10
+    pieces = []
+    streamed = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=10, eos_ids=()), on_text=pieces.append)
+    assert "".join(pieces) == streamed.text == full.text
+    stop = full.text[3:5]
+    cut = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=10, eos_ids=(), stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    eos = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=10, eos_ids=(full.token_ids[2],)))
+    assert eos.finish_reason == "eos" and eos.token_ids == full.token_ids[:2]
+
+
+def test_batch_answers_equal_single_answers(lm):
+    pc = PromptCache(lm)
+    pc.add_schema(SCHEMA)
+    prompts = [PROMPT, PROMPT.replace("<x/>", "<y/>"), '<prompt schema="s"><doc/>Summarize.</prompt>']
+    batch = pc.answer_batch(prompts, config=GREEDY)
+    assert [r.token_ids for r in batch] == [pc.answer(p, config=GREEDY).token_ids for p in prompts]
+
+
+def test_usage_and_timing_are_reported(lm):
+    pc = PromptCache(lm)
+    pc.add_schema(SCHEMA)
+    r = pc.answer(PROMPT, config=GREEDY)
+    j = r.to_json()
+    assert set(j["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens"}
+    assert {"ttft_ms", "cache_ms", "prefill_ms", "decode_tokens_per_s"} <= set(j["timing"])
+    assert r.timing.encode_ms > 0  # states were missing: encoded on the fly
+    assert pc.answer(PROMPT, config=GREEDY).timing.encode_ms == 0
+    assert r.timing.ttft_ms >= r.timing.cache_ms + r.timing.prefill_ms
+
+
+def test_invalid_generation_options_are_clear_errors():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=-1)
