@@ -170,6 +170,12 @@ def cmd_store(args) -> int:
     roots = [root] if args.store or (root / "owner.json").is_file() else sorted(
         p for p in root.iterdir() if (p / "owner.json").is_file()) or [root]
     stores = [AttentionStore.from_dir(r) for r in roots]
+    if args.action == "verify":  # before anything lists entries (listing quarantines damaged files too)
+        results = {k: ok for st in stores for k, ok in st.disk.verify_all().items()}
+        bad = [k for k, ok in results.items() if not ok]
+        print(f"{len(results)} entries checked, {len(bad)} corrupted"
+              + "".join(f"\n  {k} (moved aside; it will be recomputed)" for k in bad))
+        return 1 if bad else 0
     rows = [(r, row) for r, st in zip(roots, stores) for row in st.entries()]
     if args.action == "ls":
         if args.json:
@@ -184,11 +190,6 @@ def cmd_store(args) -> int:
         print(f"{len(rows)} entries, {sum(row.meta.nbytes for _, row in rows) / 2**20:.2f} MiB in "
               f"{', '.join(map(str, roots))}")
         return 0
-    if args.action == "verify":
-        results = {k: ok for st in stores for k, ok in st.disk.verify_all().items()}
-        bad = [k for k, ok in results.items() if not ok]
-        print(f"{len(results)} entries checked, {len(bad)} corrupted" + "".join(f"\n  {k} (removed)" for k in bad))
-        return 1 if bad else 0
     if not (args.keys or args.schema or args.all):
         print("pml store rm: name entries to remove (KEY prefixes), --schema NAME or --all", file=sys.stderr)
         return 2

@@ -268,8 +268,9 @@ class PromptCache:
         return tokens, text, reason, t_first
 
     def _missing(self, s: _Schema, bound) -> list[str]:
+        # A membership test, not a load: the load (and checksum) happens once, in assemble.
         return [u for u in assembler.used_units(s.plan, bound)
-                if self.store.get(encoder.unit_key(s.plan, u, self.lm, self.storage_dtype))[0] is None]
+                if encoder.unit_key(s.plan, u, self.lm, self.storage_dtype) not in self.store]
 
     def _schema(self, name: str) -> _Schema:
         if name not in self.schemas:

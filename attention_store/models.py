@@ -436,11 +436,20 @@ def _generation_eos(model_dir: Path | str) -> Any:
 def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a built-in model by name (converting it once), a local Hugging Face model dir, or a hub id.
 
-    The model is in eval mode with sdpa attention and cast to `dtype`; `fingerprint` names the weights.
+    `tiny:<arch>` (e.g. `tiny:llama`) gives a random-weight model from `attention_store.tiny`, for
+    smoke tests of commands and experiments. The model is in eval mode with sdpa attention and cast
+    to `dtype`; `fingerprint` names the weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    if name.startswith("tiny:"):
+        from attention_store.tiny import TINY_ARCHS, tiny_model
+
+        arch = name.removeprefix("tiny:")
+        if arch not in TINY_ARCHS:
+            raise KeyError(f"unknown tiny model {name!r}: choose tiny:{', tiny:'.join(TINY_ARCHS)}")
+        return tiny_model(arch, dtype=dtype)
     if name in REGISTRY:
         model_dir: Path | str = ensure_converted(name)
         fingerprint = read_marker(Path(model_dir))["fingerprint"]  # type: ignore[index]

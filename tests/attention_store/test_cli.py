@@ -1,0 +1,96 @@
+"""`pml encode`, `pml store`, `pml run`: output shapes and exit codes, on a tiny random model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pml.cli import main
+
+SCHEMA = """<schema name="notes">
+  Notes.
+  <module name="a">First note about rivers and lakes.</module>
+  <module name="b">Second note about <parameter name="thing" length="8" scaffold="hills"/>.</module>
+</schema>"""
+PROMPT = '<prompt schema="notes"><a/><b thing="peaks"/>What do the notes say?</prompt>'
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "s.pml").write_text(SCHEMA)
+    (tmp_path / "p.pml").write_text(PROMPT)
+    return tmp_path
+
+
+def run_json(capsys, *argv):
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_encode_json_reports_bytes_per_token(files, capsys):
+    store = str(files / "store")
+    out = run_json(capsys, "encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store, "--json")
+    assert {"modules", "tokens", "bytes", "bytes_per_token", "seconds"} <= set(out)
+    assert out["modules"] == 3 and out["tokens"] > 0 and out["encoded"] == 3
+    assert abs(out["bytes_per_token"] / out["expected_bytes_per_token"] - 1) < 0.02
+    again = run_json(capsys, "encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store, "--json")
+    assert again["encoded"] == 0 and again["bytes"] == out["bytes"]
+    half = run_json(capsys, "encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store,
+                    "--dtype", "fp16", "--json")
+    assert half["bytes_per_token"] * 2 == out["bytes_per_token"]
+
+
+def test_run_json_shape_and_no_cache_baseline(files, capsys):
+    common = [str(files / "p.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+              "--store", str(files / "store"), "--max-new-tokens", "4", "--json"]
+    cached = run_json(capsys, "run", *common)
+    assert set(cached) >= {"text", "usage", "timing"}
+    assert set(cached["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens"}
+    assert {"ttft_ms", "cache_ms", "prefill_ms", "decode_tokens_per_s"} <= set(cached["timing"])
+    assert cached["usage"]["cached_tokens"] > 0
+    base = run_json(capsys, "run", *common, "--no-cache")
+    assert base["usage"]["cached_tokens"] == 0
+    assert base["usage"]["prompt_tokens"] == cached["usage"]["prompt_tokens"]
+
+
+def test_store_ls_verify_rm(files, capsys):
+    store = str(files / "store")
+    assert main(["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store]) == 0
+    capsys.readouterr()
+    rows = run_json(capsys, "store", "ls", "--store", store, "--json")
+    assert {r["module"] for r in rows} == {"", "a", "b"}
+    assert all(r["schema"] == "notes" and r["tier"] == "disk" and r["tokens"] > 0 for r in rows)
+    assert main(["store", "verify", "--store", store]) == 0
+    assert "3 entries checked, 0 corrupted" in capsys.readouterr().out
+    victim = next(Path(store).rglob("*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:-7])  # truncated
+    assert main(["store", "verify", "--store", store]) == 1
+    assert "1 corrupted" in capsys.readouterr().out
+    assert main(["store", "rm", "--all", "--store", store]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert run_json(capsys, "store", "ls", "--store", store, "--json") == []
+
+
+def test_bad_input_is_one_line_and_exit_2(files, capsys):
+    assert main(["encode", str(files / "s.pml"), "--model", "no-such-model", "--store", str(files / "st")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "smollm2-135m" in err and "Traceback" not in err
+    store = str(files / "store")
+    assert main(["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store]) == 0
+    assert main(["encode", str(files / "s.pml"), "--model", "tiny:qwen2", "--store", store]) == 2
+    assert "holds states of model 'tiny-llama-s0'" in capsys.readouterr().err
+    (files / "bad.pml").write_text('<prompt schema="notes"><b thing="a value that is far too long for eight"/>Hi</prompt>')
+    code = main(["run", str(files / "bad.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+                 "--store", store])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"{files / 'bad.pml'}:1: error:") and "thing" in err
+
+
+def test_console_script_runs_as_a_subprocess(files):
+    out = subprocess.run([sys.executable, "-m", "pml.cli", "run", str(files / "p.pml"), "--schema",
+                          str(files / "s.pml"), "--model", "tiny:gemma3", "--store", str(files / "store"),
+                          "--max-new-tokens", "3", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] <= 3
