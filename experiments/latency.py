@@ -1,0 +1,330 @@
+"""Latency experiment (`pml bench latency`): TTFT with cached modules (memory and disk tier) vs full prefill.
+
+For each context length L and module count K, a real document (LongBench multi_news contexts, cut to
+exactly L tokens) is split into K modules of L/K tokens; a prompt selects all of them and asks a
+question as new user text. Per repeat, the three ways of answering run back to back, in an order
+rotated between repeats so that drift on a shared machine hits each alike:
+
+- `full`: `answer(use_cache=False)`, one ordinary prefill of the whole prompt;
+- `memory`: `answer()` with every module already in the memory tier;
+- `disk`: `answer()` from a freshly opened store over the same folder (empty memory tier), so the
+  states are read from their safetensors files (the OS page cache may hold them: nothing here drops it).
+
+TTFT is split into cache (lookup + copy), prefill of the fresh tokens, and the decode rate of the
+following tokens. Schema encoding is timed once per (L, K) and kept out of TTFT, as in the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments import outputs
+
+DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
+DEFAULT_MODULES = (1, 4, 16)
+MODES = ("full", "memory", "disk")
+QUESTION = "Summarize the main events described in the news articles above in a few sentences, naming the people and places involved."
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def load_lm(name: str):
+    """A LoadedModel for a registry name or model dir, or a tiny random model for `tiny:<arch>`."""
+    if name.startswith("tiny:"):
+        # Resolved here until attention_store.models.load_model takes tiny names itself.
+        from attention_store.tiny import tiny_model
+
+        return tiny_model(name.split(":", 1)[1])
+    from attention_store.models import load_model
+
+    return load_model(name)
+
+
+def data_root(arg: str | None = None) -> Path:
+    """`--data`, else `$PML_DATA`, else `../shared/data` next to the repository."""
+    return Path(arg or os.environ.get("PML_DATA") or REPO.parent / "shared" / "data")
+
+
+def document_pool(data: Path, tokenizer, n_tokens: int, source: str = "longbench/multi_news.jsonl") -> list[int]:
+    """Token ids of real text, at least `n_tokens` long: multi_news contexts, one after another."""
+    path = data / source
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass --data DIR (or set PML_DATA) to the shared data folder")
+    ids: list[int] = []
+    with path.open() as f:
+        for line in f:
+            # LongBench multi_news writes newlines as the literal word NEWLINE_CHAR.
+            text = json.loads(line)["context"].replace("NEWLINE_CHAR", "\n")
+            ids += tokenizer.encode(text.strip() + "\n\n")
+            if len(ids) >= n_tokens + 64:
+                return ids
+    raise ValueError(f"{path} holds only {len(ids)} tokens, fewer than the {n_tokens} asked for")
+
+
+def exact_text(tokenizer, ids: list[int], n: int) -> tuple[str, int]:
+    """Text that tokenizes to exactly `n` ids, read from the front of `ids`; also how many ids it used.
+
+    Decoding a cut and re-encoding it can merge or split tokens at the edges (and PML drops
+    leading blank lines and trailing newlines), so the cut is moved until the text, as PML will read
+    it, is `n` tokens again.
+    """
+    from pml.parser import normalize_text
+
+    def length(m: int) -> tuple[str, int]:
+        text = normalize_text(tokenizer.decode(ids[:m]))
+        return text, len(tokenizer.encode(text))
+
+    m = n
+    for _ in range(8):  # usually exact at once, or after one step
+        text, got = length(m)
+        if got == n:
+            return text, m
+        m += n - got
+    for m in sorted(range(max(1, n - 16), n + 64), key=lambda m: abs(m - n)):  # split characters, whitespace runs
+        text, got = length(m)
+        if got == n:
+            return text, m
+    raise ValueError(f"could not cut the text to exactly {n} tokens (tokenizer {tokenizer.name})")
+
+
+def split_exact(tokenizer, pool: list[int], sizes: list[int]) -> list[str]:
+    """Consecutive pieces of the pool, piece i tokenizing to exactly `sizes[i]` ids."""
+    texts, at = [], 0
+    for size in sizes:
+        text, used = exact_text(tokenizer, pool[at:], size)
+        texts.append(text)
+        at += used
+    return texts
+
+
+def piece_sizes(length: int, modules: int) -> list[int]:
+    """`length` tokens split into `modules` nearly equal parts."""
+    q, r = divmod(length, modules)
+    return [q + (i < r) for i in range(modules)]
+
+
+def schema_xml(name: str, texts: list[str]) -> str:
+    """A schema with one module per text (`doc0`, `doc1`, ...)."""
+    from pml.builder import SchemaBuilder
+
+    b = SchemaBuilder(name)
+    for i, text in enumerate(texts):
+        b.module(f"doc{i}", text=text)
+    return b.to_xml()
+
+
+def prompt_xml(name: str, modules: int, question: str) -> str:
+    """A prompt that selects every module and asks `question` as user text."""
+    from pml.builder import PromptBuilder
+
+    p = PromptBuilder(name)
+    for i in range(modules):
+        p.use(f"doc{i}")
+    return p.user(question).to_xml()
+
+
+def module_tokens(layout) -> int:
+    """Tokens in the schema's modules (the cached document), from the layout."""
+    return sum(m.end - m.start for m in layout.modules.values())
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeats."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def rotated(seq, r: int) -> list:
+    r %= len(seq)
+    return list(seq[r:]) + list(seq[:r])
+
+
+def reset_store_dir(path: Path) -> Path:
+    """An empty store folder (the experiment's own scratch: removed again at the end)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+@dataclass(frozen=True)
+class Point:
+    length: int  # context tokens (all modules together)
+    modules: int  # number of modules the context is split into
+
+    @property
+    def tag(self) -> str:
+        return f"L{self.length}-K{self.modules}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="registry name, model dir, or tiny:<arch> (default: %(default)s)")
+    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                        help="context lengths in tokens, comma-separated (default: %(default)s; 8192 works too)")
+    parser.add_argument("--modules", default=",".join(map(str, DEFAULT_MODULES)),
+                        help="module counts the context is split into (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per answer, for the decode rate (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N lengths (quick runs)")
+    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/latency/<model>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from attention_store.engine import PromptCache, open_store
+    from attention_store.generation import GenerationConfig
+
+    lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
+    counts = [int(x) for x in str(args.modules).split(",") if x.strip()]
+    if args.limit is not None:
+        lengths = lengths[: args.limit]
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    model_tag = args.model.replace(":", "-").replace("/", "_")
+    out = outputs.run_dir(f"latency/{model_tag}", args.out)
+    items = outputs.ItemLog(out / "items.jsonl")
+    points = [Point(L, K) for L in lengths for K in counts if K <= L]
+
+    lm = load_lm(args.model)
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    pool = document_pool(data_root(args.data), lm.tokenizer, max(lengths))
+    store_dir = reset_store_dir(out / "store-scratch")
+    timed = GenerationConfig(max_new_tokens=args.new_tokens, eos_ids=())  # no EOS: always N tokens
+    pc_mem = PromptCache(lm, open_store(store_dir, lm))
+    pc_disk = PromptCache(lm, open_store(store_dir, lm))
+
+    todo = [(p, r) for p in points for r in range(args.repeats) if not items.done(f"{p.tag}-r{r}")]
+    bar = tqdm(total=len(todo), desc=f"latency {args.model}", unit="repeat")
+    warmed = False
+    for point in points:
+        reps = [r for r in range(args.repeats) if not items.done(f"{point.tag}-r{r}")]
+        if not reps:
+            continue
+        name = f"lat-{point.tag}"
+        texts = split_exact(lm.tokenizer, pool, piece_sizes(point.length, point.modules))
+        xml, prompt = schema_xml(name, texts), prompt_xml(name, point.modules, QUESTION)
+        layout = pc_mem.add_schema(xml)
+        if module_tokens(layout) != point.length:
+            raise RuntimeError(f"{point.tag}: the schema's modules hold {module_tokens(layout)} tokens, not {point.length}")
+        pc_disk.add_schema(xml)
+        t = time.perf_counter()
+        report = pc_mem.encode(name)
+        encode_ms = (time.perf_counter() - t) * 1e3
+        if not warmed:  # first calls pay one-off costs (allocator, kernels): keep them out of every timing
+            pc_disk.store = open_store(store_dir, lm)
+            for pc, use in ((pc_mem, False), (pc_mem, True), (pc_disk, True)):
+                pc.answer(prompt, use_cache=use, config=timed)
+            warmed = True
+        for r in reps:
+            row = {"id": f"{point.tag}-r{r}", "model": args.model, "dtype": dtype, "length": point.length,
+                   "modules": point.modules, "repeat": r, "context_tokens": module_tokens(layout),
+                   "stored_tokens": report.tokens, "stored_bytes": report.bytes, "encode_ms": encode_ms,
+                   "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
+            for mode in rotated(MODES, r):
+                if mode == "disk":
+                    pc_disk.store = open_store(store_dir, lm)  # fresh memory tier: states come from files
+                    assert len(pc_disk.store.memory) == 0
+                pc = pc_disk if mode == "disk" else pc_mem
+                res = pc.answer(prompt, use_cache=mode != "full", config=timed)
+                if mode != "full" and res.timing.encode_ms:
+                    raise RuntimeError(f"{point.tag}: {mode} answer re-encoded modules; the store lost entries")
+                row.update({f"{mode}_ttft_ms": res.timing.ttft_ms, f"{mode}_cache_ms": res.timing.cache_ms,
+                            f"{mode}_prefill_ms": res.timing.prefill_ms,
+                            f"{mode}_decode_tok_s": res.timing.decode_tokens_per_s,
+                            f"{mode}_cached_tokens": res.usage.cached_tokens,
+                            f"{mode}_prompt_tokens": res.usage.prompt_tokens})
+            items.add(row)
+            bar.update(1)
+        for row in pc_mem.store.entries():  # keep the scratch store small: one point at a time
+            pc_mem.store.delete(row.meta.key)
+    bar.close()
+    shutil.rmtree(store_dir, ignore_errors=True)
+
+    rows = [r for r in items.rows.values() if r["model"] == args.model]
+    summary = summary_rows(rows)
+    outputs.write_csv(out / "summary.csv", summary)
+    plot = plot_ttft(out / "ttft_vs_length.png", summary, args.model)
+    write_report(out, summary, args.model, dtype, plot)
+    print(f"latency: {len(rows)} repeats -> {out}/summary.csv, {plot.name}, report.md")
+    return 0
+
+
+STATS = ("ttft_ms", "cache_ms", "prefill_ms", "decode_tok_s")
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One row per (length, modules, mode): median/min/max over repeats, and speedup over full prefill."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["length"], r["modules"]), []).append(r)
+    out = []
+    for (length, modules), reps in sorted(groups.items()):
+        full = statistics.median(r["full_ttft_ms"] for r in reps)
+        for mode in MODES:
+            row = {"model": reps[0]["model"], "dtype": reps[0]["dtype"], "length": length, "modules": modules,
+                   "mode": mode, "repeats": len(reps), "context_tokens": reps[0]["context_tokens"],
+                   "prompt_tokens": reps[0][f"{mode}_prompt_tokens"], "cached_tokens": reps[0][f"{mode}_cached_tokens"]}
+            for stat in STATS:
+                s = summarize([r[f"{mode}_{stat}"] for r in reps])
+                row.update({f"{stat}_{k}": v for k, v in s.items()})
+            row["speedup"] = full / row["ttft_ms_median"]
+            row["encode_ms"] = reps[0]["encode_ms"] if mode != "full" else ""
+            out.append(row)
+    return out
+
+
+def plot_ttft(path: Path, summary: list[dict], model: str) -> Path:
+    """TTFT vs context length, one curve per mode and module count (log-log), min-max as error bars."""
+    from experiments.plots import Series, line_plot
+
+    styles = {"full": "-o", "memory": "--s", "disk": ":^"}
+    series = []
+    for mode in MODES:
+        for k in sorted({r["modules"] for r in summary}):
+            pts = sorted((r for r in summary if r["mode"] == mode and r["modules"] == k), key=lambda r: r["length"])
+            if not pts or (mode == "full" and k != min(r["modules"] for r in summary)):
+                continue  # full prefill does not depend on the split: one curve for it
+            label = "full prefill" if mode == "full" else f"cached ({mode} tier, {k} module{'s' * (k > 1)})"
+            series.append(Series(label, [p["length"] for p in pts], [p["ttft_ms_median"] for p in pts],
+                                 [p["ttft_ms_min"] for p in pts], [p["ttft_ms_max"] for p in pts], styles[mode]))
+    return line_plot(path, series, xlabel="context tokens (cached document)", ylabel="TTFT (ms)",
+                     title=f"Time to first token, {model} (median, min-max bars)", logx=True, logy=True)
+
+
+def write_report(out: Path, summary: list[dict], model: str, dtype: str, plot: Path) -> None:
+    cols = ["length", "modules", "mode", "repeats", "ttft_ms_median", "ttft_ms_min", "ttft_ms_max",
+            "cache_ms_median", "prefill_ms_median", "decode_tok_s_median", "speedup"]
+    enc = sorted({(r["length"], r["modules"], r["encode_ms"]) for r in summary if r["mode"] == "memory"})
+    enc_rows = [{"length": L, "modules": K, "encode_ms": e} for L, K, e in enc]
+    outputs.write_report(out / "report.md", "Latency: TTFT with the attention store vs full prefill",
+                         model=model, dtype=dtype, sections=[
+        ("TTFT", f"![TTFT vs context length]({plot.name})\n\nTimes in ms (median, min, max over repeats); "
+                 "`cache` = store lookup + copy into one cache, `prefill` = forward over the fresh tokens, "
+                 "`speedup` = median full-prefill TTFT / median TTFT of the row. Modes ran interleaved, "
+                 "order rotated per repeat.\n\n" + outputs.markdown_table(summary, cols)),
+        ("Schema encoding (once per schema, not part of TTFT)", outputs.markdown_table(enc_rows)),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.latency", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
