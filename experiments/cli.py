@@ -1,0 +1,72 @@
+"""`pml bench latency|memory|quality`: the experiment commands, each in its own lazily imported module.
+
+Every experiment module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their parser is built or run, so a missing or broken one does not take down the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+EXPERIMENTS = {
+    "latency": "time to first token with and without the cache",
+    "memory": "bytes of stored attention states per token and per schema",
+    "quality": "task scores with and without the cache, and fidelity to the baseline",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"experiments.{name}")
+
+
+def add_experiments(sub) -> None:
+    """One sub-command per experiment whose module imports; the others say why they are missing."""
+    for name, help_text in EXPERIMENTS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            _module(name).add_arguments(p)
+        except Exception as e:  # noqa: BLE001 - one broken experiment must not hide the others
+            p.set_defaults(func=_unavailable(name, e))
+            continue
+        p.set_defaults(func=_dispatch(name))
+
+
+def _dispatch(name: str):
+    def call(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.WARNING, format="pml: %(message)s", stream=sys.stderr)
+        try:
+            return _module(name).run(args)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"pml bench {name}: error: {e}", file=sys.stderr)
+            return 2
+    return call
+
+
+def _unavailable(name: str, error: Exception):
+    def call(args: argparse.Namespace) -> int:
+        print(f"pml bench {name}: unavailable: experiments.{name} failed to import ({error})", file=sys.stderr)
+        return 2
+    return call
+
+
+def add_bench(subparsers) -> None:
+    """Add `bench` with one sub-command per experiment to an argparse subparsers object."""
+    p = subparsers.add_parser("bench", help="run an experiment (latency, memory, quality)",
+                              description="Reproduction experiments; results go under runs/.")
+    sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    add_experiments(sub)
+
+
+def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Prompt Cache reproduction experiments")
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    add_experiments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

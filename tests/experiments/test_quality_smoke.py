@@ -1,0 +1,66 @@
+"""The quality experiment end to end on two items with a tiny random model: files, columns, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from experiments import cli
+from experiments.data import data_dir
+
+
+@pytest.fixture(scope="module")
+def data():
+    try:
+        return data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def _run(out, data, capsys):
+    argv = ["quality", "--model", "tiny:llama", "--tasks", "longbench_mini/hotpotqa", "--limit", "2",
+            "--max-context-tokens", "300", "--max-new-tokens", "3", "--data", str(data), "--out", str(out)]
+    assert cli.main(argv) == 0
+    return capsys.readouterr()
+
+
+def test_quality_smoke_and_resume(tmp_path, data, capsys):
+    out = tmp_path / "q"
+    first = _run(out, data, capsys)
+    assert "2 items (0 already done)" in first.err
+    items = out / "longbench_mini" / "hotpotqa" / "items.jsonl"
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert set(row) >= {"id", "baseline", "independent", "schema", "truncated", "policies_identical"}
+        # expected: 300 bytes keep only part of the ~10k-byte context, and the item says so
+        assert row["truncated"] and row["original_tokens"] > row["context_tokens"]
+        assert set(row["schema"]) >= {"score", "identical", "first_token_same", "kl", "ttft_ms"}
+    with (out / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    assert [r["task"] for r in summary] == ["longbench_mini/hotpotqa"] and summary[0]["n"] == "2"
+    for p in ("independent", "schema"):
+        for col in ("cached_", "delta_", "identical_%_", "first_token_%_", "mean_kl_"):
+            assert col + p in summary[0]
+    assert {"task", "metric", "n", "baseline", "truncated"} <= set(summary[0])
+    assert (out / "quality_delta.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "tiny" in report and "Truncation" in report and "hotpotqa" in report
+
+    # expected: a second run finds both items done and appends nothing
+    second = _run(out, data, capsys)
+    assert "2 items (2 already done)" in second.err
+    assert len(items.read_text().splitlines()) == 2
+
+
+def test_bench_parser_has_every_experiment():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="pml")
+    cli.add_bench(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "quality", "--limit", "1", "--policy", "schema"])
+    assert args.limit == 1 and args.policy == ["schema"] and callable(args.func)
+    for name in cli.EXPERIMENTS:
+        assert callable(parser.parse_args(["bench", name]).func)
