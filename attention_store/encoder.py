@@ -64,8 +64,12 @@ def _chain(path: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def plan(layout, policy: str = DEFAULT_POLICY) -> EncodePlan:
-    """Lay out every cacheable token of the schema and the mask the policy implies."""
+def plan(layout, policy: str = DEFAULT_POLICY, sink: bool = True) -> EncodePlan:
+    """Lay out every cacheable token of the schema and the mask the policy implies.
+
+    `sink=False` drops the leading root text from what `independent` modules see (each module then
+    attends to itself alone); it exists to measure the sink's effect (experiments/sink.py).
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown encoding policy {policy!r}: choose one of {', '.join(POLICIES)}")
     modules = layout.modules
@@ -85,8 +89,9 @@ def plan(layout, policy: str = DEFAULT_POLICY) -> EncodePlan:
     same = unit_idx[:, None] == unit_idx[None, :]
     if policy == "independent":
         first_module = min((m.start for m in modules.values()), default=layout.length)
-        sink = torch.tensor([o == ROOT and p < first_module for o, p in zip(owner, pos)], dtype=torch.bool)
-        allowed = causal & (same | sink[None, :])
+        leading = torch.tensor([sink and o == ROOT and p < first_module for o, p in zip(owner, pos)],
+                               dtype=torch.bool)
+        allowed = causal & (same | leading[None, :])
     else:
         visible = torch.tensor([[_union_visible(modules, q, k) for k in names] for q in names], dtype=torch.bool)
         allowed = causal & visible[unit_idx][:, unit_idx]

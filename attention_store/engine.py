@@ -130,7 +130,7 @@ class PromptCache:
     """A model, its attention store and the schemas added to it."""
 
     def __init__(self, lm, store: AttentionStore | None = None, policy: str = encoder.DEFAULT_POLICY,
-                 storage_dtype: str = "fp32"):
+                 storage_dtype: str = "fp32", sink: bool = True):
         if policy not in encoder.POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(encoder.POLICIES)}")
         if storage_dtype not in STORAGE_DTYPES:
@@ -138,6 +138,7 @@ class PromptCache:
         self.lm = lm
         self.store = store if store is not None else AttentionStore(MemoryTier(MEMORY_BUDGET), None)
         self.policy = policy
+        self.sink = sink  # independent policy: modules also see the leading root text (see encoder.plan)
         self.storage_dtype = STORAGE_DTYPES[storage_dtype]
         self.schemas: dict[str, _Schema] = {}
 
@@ -154,7 +155,7 @@ class PromptCache:
         """Parse (file path or XML text), lay out and plan a schema; returns its Layout."""
         schema = _parse(source, parse_schema)
         layout = compute_layout(schema, self.lm.tokenizer)
-        self.schemas[schema.name] = _Schema(schema, layout, encoder.plan(layout, self.policy))
+        self.schemas[schema.name] = _Schema(schema, layout, encoder.plan(layout, self.policy, self.sink))
         return layout
 
     def encode(self, schema: str, progress: Callable[[int, int], None] | None = None) -> EncodeReport:
