@@ -41,8 +41,9 @@ PAPER_LLAMA2_7B = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=DEFAULT_TASKS,
                    help="comma-separated: longbench/<name>, longbench_mini/<name>, leval/<name>, musique; "
-                        f"folder/* selects a whole folder (default: {DEFAULT_TASKS})")
-    p.add_argument("--limit", type=int, help="items per task (default: all)")
+                        "folder/* selects a whole folder; name:N limits that task to N items "
+                        f"(default: {DEFAULT_TASKS})")
+    p.add_argument("--limit", type=int, help="items per task without its own :N (default: all)")
     p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES),
                    help="encoding policies to compare with the baseline (default: both)")
     p.add_argument("--model", default="smollm2-135m",
@@ -52,8 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context-tokens", type=int, default=2048,
                    help="contexts longer than this are truncated, explicitly and reported (default 2048)")
     p.add_argument("--max-new-tokens", type=int, help="override every task's max new tokens")
-    p.add_argument("--no-kl", action="store_true", help="skip the KL fidelity measure (saves forced decodes)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-kl", action="store_true", help="skip the KL fidelity measure (saves a prefill per item)")
+    p.add_argument("--kl-tokens", type=int, default=32,
+                   help="KL over at most the first N tokens of the baseline answer (default 32; bounds CPU time)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice; on a busy machine 1 is often faster)")
+    p.add_argument("--rerun-identical", action="store_true",
+                   help="encode and answer every policy even where the policies' encoding masks are identical "
+                        "(default: such items reuse the first policy's answer, marked `reused_from`)")
 
 
 def load_lm(name: str):
@@ -92,14 +99,15 @@ def mean_kl(base_lp, cached_lp) -> float:
 class Runner:
     """One PromptCache per policy over one model and one in-memory store, cleared between schemas."""
 
-    def __init__(self, lm, policies: list[str], kl: bool):
+    def __init__(self, lm, policies: list[str], kl_tokens: int, rerun_identical: bool = False):
         from attention_store.engine import PromptCache
         from attention_store.store import AttentionStore, MemoryTier
 
         self.lm = lm
         self.store = AttentionStore(MemoryTier(STORE_BUDGET), None)
         self.caches = {p: PromptCache(lm, self.store, policy=p) for p in policies}
-        self.kl = kl
+        self.kl_tokens = kl_tokens  # 0: no KL
+        self.rerun_identical = rerun_identical
         self.group: str | None = None
 
     def _enter(self, item: workloads.Item) -> tuple[bool, float]:
@@ -111,12 +119,12 @@ class Runner:
         for row in self.store.entries():
             self.store.delete(row.meta.key)
         t = time.perf_counter()
-        layout = None
-        for pc in self.caches.values():
-            layout = pc.add_schema(item.schema)
-            pc.encode(layout.schema_name)
+        layouts = [pc.add_schema(item.schema) for pc in self.caches.values()]
         self.group = item.group
-        self._identical = len(self.caches) > 1 and policies_identical(layout)
+        self._identical = len(self.caches) > 1 and policies_identical(layouts[0])
+        for i, pc in enumerate(self.caches.values()):
+            if i == 0 or self.rerun_identical or not self._identical:
+                pc.encode(layouts[0].schema_name)
         return self._identical, (time.perf_counter() - t) * 1e3
 
     def run(self, item: workloads.Item, max_new_tokens: int) -> dict:
@@ -137,9 +145,15 @@ class Runner:
                             "ttft_ms": base.timing.ttft_ms, "prompt_tokens": base.usage.prompt_tokens,
                             "finish_reason": base.finish_reason}}
         base_lp = None
-        if self.kl and base.token_ids:
-            base_lp = first.logprobs(item.prompt, list(base.token_ids), use_cache=False)
-        for policy, pc in self.caches.items():
+        forced = list(base.token_ids[: self.kl_tokens])
+        if forced:
+            base_lp = first.logprobs(item.prompt, forced, use_cache=False)
+        for i, (policy, pc) in enumerate(self.caches.items()):
+            if i > 0 and identical and not self.rerun_identical:
+                # Same tokens, positions and masks as the first policy: the same states, so the same answer.
+                first_policy = next(iter(self.caches))
+                row[policy] = {**row[first_policy], "reused_from": first_policy}
+                continue
             res = pc.answer(item.prompt, use_cache=True, config=cfg)
             out = {"text": res.text,
                    "score": metrics.score_item(item.metric, res.text, item.answers, item.all_classes, item.first_line),
@@ -149,7 +163,7 @@ class Runner:
                    "prompt_tokens": res.usage.prompt_tokens, "cached_tokens": res.usage.cached_tokens,
                    "finish_reason": res.finish_reason, "kl": None}
             if base_lp is not None:
-                out["kl"] = mean_kl(base_lp, pc.logprobs(item.prompt, list(base.token_ids), use_cache=True))
+                out["kl"] = mean_kl(base_lp, pc.logprobs(item.prompt, forced, use_cache=True))
             row[policy] = out
         row["wall_s"] = time.perf_counter() - t0
         return row
@@ -246,13 +260,19 @@ def write_report(root: Path, summary: list[dict], all_rows: dict[str, list[dict]
         f"In {ident} of {len(summary)} tasks, items have schemas for which both policies give every module the same "
         "attention context (column `policies_identical` counts items): one context module preceded only by "
         "root text. There `independent` and `schema` produce identical states by construction, so their "
-        "columns must agree; the policies differ only on multi-passage items.\n")
+        "columns must agree; the policies differ only on multi-passage items. "
+        + ("Every policy was nevertheless encoded and answered on its own (`--rerun-identical`).\n"
+           if args.rerun_identical else
+           "To save CPU time such items were encoded and answered once, with the first policy, and that "
+           "answer is recorded for the others (`reused_from` in items.jsonl); rerun with `--rerun-identical` "
+           "to compute each policy separately.\n"))
     sections = [
         ("Setup", setup),
         ("Results", outputs.markdown_table(summary, cols)
          + "\nScores are x100 (mean of max over gold answers). `identical_%`: greedy output equal to the "
            "baseline's; `first_token_%`: same first token; `mean_kl`: mean KL(baseline || cached) in nats "
-           "per step along the baseline's answer.\n\n![quality delta](quality_delta.png)\n"),
+           f"per step along the first {args.kl_tokens} tokens of the baseline's answer.\n\n"
+           "![quality delta](quality_delta.png)\n"),
         ("Policies", honesty),
         ("Truncation", ("\n".join(trunc) + "\n") if trunc else "No context was truncated.\n"),
         ("Paper reference (Llama-2-7B, authors' per-sample outputs)",
@@ -279,8 +299,9 @@ def run(args: argparse.Namespace) -> int:
     lm = load_lm(args.model)
     root = outputs.run_dir(f"quality/{_slug(args.model)}", args.out)
     plan = []
-    for task in tasks:
-        items = workloads.load_items(task, root_data, lm.tokenizer, args.max_context_tokens, args.limit)
+    for task, limit in tasks:
+        items = workloads.load_items(task, root_data, lm.tokenizer, args.max_context_tokens,
+                                     args.limit if limit is None else limit)
         tdir = root / task
         tdir.mkdir(parents=True, exist_ok=True)
         plan.append((task, items, outputs.ItemLog(tdir / "items.jsonl")))
@@ -288,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(len(items) for _, items, _ in plan)
     print(f"quality: {len(tasks)} tasks, {total} items ({total - todo} already done), "
           f"policies {', '.join(policies)}, model {lm.name}, output {root}", file=sys.stderr)
-    runner = Runner(lm, policies, kl=not args.no_kl)
+    runner = Runner(lm, policies, 0 if args.no_kl else args.kl_tokens, args.rerun_identical)
     with tqdm(total=todo, desc="quality", unit="item", file=sys.stderr) as bar:
         for task, items, log_ in plan:
             for item in items:

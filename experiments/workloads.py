@@ -277,21 +277,26 @@ def _files(root: Path, folder: str) -> list[str]:
     return sorted(f"{folder}/{p.stem}" for p in (root / folder).glob("*.jsonl"))
 
 
-def expand_tasks(spec: str, root: Path) -> list[str]:
-    """`a,b,longbench_mini/*` -> task names; `*` globs a data folder. Unknown names are errors."""
-    names: list[str] = []
+def expand_tasks(spec: str, root: Path) -> list[tuple[str, int | None]]:
+    """`a,b:8,longbench_mini/*:3` -> [(task, limit)]; `*` globs a data folder, `:N` sets that task's item
+    limit (None: the caller's default). Unknown names are errors."""
+    out: dict[str, int | None] = {}
     for part in (s.strip() for s in spec.split(",")):
         if not part:
             continue
-        if part.endswith("/*"):
-            found = _files(root, part[:-2])
+        name, _, n = part.partition(":")
+        if n and not n.isdigit():
+            raise ValueError(f"task {part!r}: the limit after ':' must be a whole number")
+        limit = int(n) if n else None
+        if name.endswith("/*"):
+            found = _files(root, name[:-2])
             if not found:
-                raise ValueError(f"task pattern {part!r} matches no files under {root}")
-            names += found
+                raise ValueError(f"task pattern {name!r} matches no files under {root}")
+            out.update((f, limit) for f in found)
         else:
-            task_path(part, root)  # validates
-            names.append(part)
-    return list(dict.fromkeys(names))
+            task_path(name, root)  # validates
+            out[name] = limit
+    return list(out.items())
 
 
 def task_path(task: str, root: Path) -> Path:

@@ -127,11 +127,14 @@ def test_leval_items_share_one_schema(root, tok):
 
 
 def test_expand_tasks(root):
-    names = W.expand_tasks("longbench/qmsum, longbench_mini/*,musique", root)
-    assert names[0] == "longbench/qmsum" and "longbench_mini/trec" in names and names[-1] == "musique"
+    got = W.expand_tasks("longbench/qmsum:8, longbench_mini/*:3,musique", root)
+    names = [n for n, _ in got]
+    assert got[0] == ("longbench/qmsum", 8) and ("longbench_mini/trec", 3) in got and got[-1] == ("musique", None)
     assert len([n for n in names if n.startswith("longbench_mini/")]) == 14
     with pytest.raises(ValueError, match="unknown task"):
         W.expand_tasks("squad", root)
+    with pytest.raises(ValueError, match="whole number"):
+        W.expand_tasks("musique:x", root)
     with pytest.raises(ValueError, match="no data file"):
         W.expand_tasks("longbench/nope", root)
 
