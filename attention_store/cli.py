@@ -44,6 +44,13 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object: text, usage, timing")
     p.set_defaults(func=_user_errors(cmd_run))
 
+    # `bench` hands its arguments to experiments.cli, whose parsers import the experiment modules
+    # (and torch): building them here would slow down every other `pml` command.
+    p = sub.add_parser("bench", help="run an experiment: latency, memory, quality, sink (see docs/EXPERIMENTS.md)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="the example schema answered with and without the cache")
     p.add_argument("--model", default="smollm2-135m", help="registry name or model folder")
     p.add_argument("--store", help="store folder (default: a user cache folder)")
@@ -231,6 +238,13 @@ def cmd_run(args) -> int:
           f"(cache {t.cache_ms:.1f} + prefill {t.prefill_ms:.1f}), {t.decode_tokens_per_s:.1f} tok/s",
           file=sys.stderr)
     return 0
+
+
+def cmd_bench(args) -> int:
+    from experiments.cli import build_parser
+
+    parsed = build_parser(prog="pml bench").parse_args(args.rest)
+    return parsed.func(parsed)
 
 
 def cmd_demo(args) -> int:
