@@ -177,6 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per answer, for the decode rate (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="run only the first N lengths (quick runs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: %(default)s: on a shared machine, intra-op threads stall on "
+                             "each other whenever another process holds a core; 0 = torch's default)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/latency/<model>)")
 
@@ -199,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     items = outputs.ItemLog(out / "items.jsonl")
     points = [Point(L, K) for L in lengths for K in counts if K <= L]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = load_lm(args.model)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     pool = document_pool(data_root(args.data), lm.tokenizer, max(lengths))

@@ -1,0 +1,187 @@
+"""Speed benchmark: full-prefill TTFT vs cached TTFT (memory and disk tier) vs the bare forward pass, with targets.
+
+One schema with one module of exactly `--context` tokens of real text (LongBench multi_news) and a
+question of about 30 tokens as user text. Per repeat, in an order rotated between repeats:
+
+- (a) `full`: `answer(use_cache=False)` with one new token: TTFT of an ordinary prefill;
+- (b) `memory`: `answer()` with the module's states in the memory tier;
+- (c) `forward`: only `generation.prefill` of the same fresh tokens over a cache assembled beforehand
+  (assembly outside the timer, redone per repeat because prefill extends the cache in place);
+- (d) `disk`: `answer()` from a freshly opened store over the same folder (empty memory tier).
+
+Targets: (a)/(b) >= 30x, (b)/(c) <= 1.15 (assembly adds under 15%), (a)/(d) >= 10x, on medians.
+`--profile` adds a breakdown of where the cached paths spend their time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from experiments import outputs
+from experiments.latency import (data_root, document_pool, exact_text, load_lm, module_tokens, prompt_xml,
+                                 reset_store_dir, rotated, schema_xml)
+
+MODES = ("full", "memory", "forward", "disk")
+QUESTION = "Which people and organizations are mentioned in these news reports, and what did each of them say or do according to the articles?"
+TARGETS = (  # (name, numerator, denominator, comparison, bound)
+    ("full / memory (cached TTFT speedup)", "full", "memory", ">=", 30.0),
+    ("memory / forward (assembly overhead)", "memory", "forward", "<=", 1.15),
+    ("full / disk (disk-tier TTFT speedup)", "full", "disk", ">=", 10.0),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="registry name, model dir or tiny:<arch> (default: %(default)s)")
+    parser.add_argument("--context", type=int, default=4000, help="tokens in the cached module (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each mode (default: %(default)s, at least 3)")
+    parser.add_argument("--profile", action="store_true", help="also break the cached paths down into their steps")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: %(default)s: on a shared machine, intra-op threads stall on "
+                             "each other whenever another process holds a core; 0 = torch's default)")
+    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/speed/<model>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from attention_store import generation
+    from attention_store.engine import PromptCache, open_store
+    from attention_store.generation import GenerationConfig
+
+    model_tag = args.model.replace(":", "-").replace("/", "_")
+    out = outputs.run_dir(f"speed/{model_tag}", args.out)
+    (out / "items.jsonl").unlink(missing_ok=True)  # one run's repeats only: the modes must share conditions
+    items = outputs.ItemLog(out / "items.jsonl")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_lm(args.model)
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    text, _ = exact_text(lm.tokenizer, document_pool(data_root(args.data), lm.tokenizer, args.context), args.context)
+    store_dir = reset_store_dir(out / "store-scratch")
+    xml, prompt = schema_xml("speed", [text]), prompt_xml("speed", 1, QUESTION)
+    pc = PromptCache(lm, open_store(store_dir, lm))
+    pc_disk = PromptCache(lm, open_store(store_dir, lm))
+    layout = pc.add_schema(xml)
+    pc_disk.add_schema(xml)
+    assert module_tokens(layout) == args.context, f"module holds {module_tokens(layout)} tokens, not {args.context}"
+    t = time.perf_counter()
+    report = pc.encode("speed")
+    encode_ms = (time.perf_counter() - t) * 1e3
+    one = GenerationConfig(max_new_tokens=1)
+    s, bound = pc.bind(prompt)
+
+    def forward_ms() -> float:
+        ready = pc.assemble(s, bound)  # outside the timer
+        t0 = time.perf_counter()
+        generation.prefill(lm, ready.cache, ready.cache_positions, ready.fresh_ids, ready.fresh_positions,
+                           ready.next_position)
+        return (time.perf_counter() - t0) * 1e3
+
+    def measure(mode: str) -> dict:
+        if mode == "forward":
+            return {"ttft_ms": forward_ms()}
+        if mode == "disk":
+            pc_disk.store = open_store(store_dir, lm)  # states on disk only
+            assert len(pc_disk.store.memory) == 0
+        res = (pc_disk if mode == "disk" else pc).answer(prompt, use_cache=mode != "full", config=one)
+        assert mode == "full" or (res.timing.encode_ms == 0 and res.usage.cached_tokens >= args.context)
+        return {"ttft_ms": res.timing.ttft_ms, "cache_ms": res.timing.cache_ms, "prefill_ms": res.timing.prefill_ms,
+                "prompt_tokens": res.usage.prompt_tokens, "cached_tokens": res.usage.cached_tokens}
+
+    for mode in MODES:  # warm-up, untimed: one-off costs (first kernels, imports, allocator growth)
+        measure(mode)
+    fresh = pc.assemble(s, bound).fresh_ids.numel()
+    for r in range(max(3, args.repeats)):
+        for mode in rotated(MODES, r):
+            items.add({"id": f"{mode}-r{r}", "mode": mode, "repeat": r, **measure(mode)})
+            print(f"  repeat {r} {mode:8s} {items.rows[f'{mode}-r{r}']['ttft_ms']:9.1f} ms", flush=True)
+
+    med = {m: statistics.median(row["ttft_ms"] for row in items.rows.values() if row["mode"] == m) for m in MODES}
+    rows = []
+    for m in MODES:
+        reps = [row for row in items.rows.values() if row["mode"] == m]
+        ttft = [row["ttft_ms"] for row in reps]
+        row = {"mode": m, "repeats": len(reps), "ttft_ms_median": med[m], "ttft_ms_min": min(ttft), "ttft_ms_max": max(ttft)}
+        for part in ("cache_ms", "prefill_ms"):
+            if part in reps[0]:
+                row[f"{part}_median"] = statistics.median(x[part] for x in reps)
+        rows.append(row)
+    checks = []
+    for name, num, den, op, bound_ in TARGETS:
+        ratio = med[num] / med[den]
+        ok = ratio >= bound_ if op == ">=" else ratio <= bound_
+        checks.append({"target": name, "ratio": ratio, "goal": f"{op} {bound_:g}", "result": "PASS" if ok else "FAIL"})
+    sections = [("Setup", f"- cached module: {args.context} tokens of LongBench multi_news text; fresh tokens per "
+                          f"prompt (question + chat affixes): {fresh}; prompt tokens: {items.rows['memory-r0']['prompt_tokens']} "
+                          f"({items.rows['memory-r0']['cached_tokens']} from the store)\n"
+                          f"- schema encoding (once, not timed in TTFT): {encode_ms:.0f} ms, {report.bytes / 2**20:.1f} MiB stored\n"
+                          f"- torch threads: {torch.get_num_threads()}; repeats: {max(3, args.repeats)}, modes interleaved, "
+                          "order rotated per repeat\n"
+                          f"- rerun: `python -m experiments.speed --model {args.model} --context {args.context} "
+                          f"--repeats {args.repeats} --threads {args.threads}`\n"),
+                ("TTFT (ms)", outputs.markdown_table(rows)),
+                ("Targets (ratios of medians)", outputs.markdown_table(checks))]
+    if args.profile:
+        sections.append(("Where the cached paths spend their time (median ms)",
+                         outputs.markdown_table(profile(pc, s, bound, store_dir, lm, max(3, args.repeats)))))
+    outputs.write_csv(out / "summary.csv", rows + checks)
+    outputs.write_report(out / "report.md", "Speed benchmark: cached vs full-prefill TTFT", model=args.model,
+                         dtype=dtype, sections=sections)
+    print(outputs.markdown_table(rows))
+    for c in checks:
+        print(f"{c['result']}: {c['target']} = {c['ratio']:.2f}x (goal {c['goal']})")
+    print(f"report: {out / 'report.md'}")
+    return 0 if all(c["result"] == "PASS" for c in checks) else 1
+
+
+def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
+    """Time the steps of the cached paths one by one (library calls, timed from outside)."""
+    import torch
+
+    from attention_store import assembler, encoder
+    from attention_store.engine import open_store
+    from attention_store.store import DiskTier
+
+    units = assembler.used_units(s.plan, bound)
+    keys = [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units]
+    disk = DiskTier(Path(store_dir) / "", verify_on_load=True)
+    disk_fast = DiskTier(Path(store_dir), verify_on_load=False)
+    entries = {u: pc.store.get(k)[0] for u, k in zip(units, keys)}
+    ready = assembler.assemble(s.layout, s.plan, bound, entries, next(lm.model.parameters()).dtype)
+    layers = [(layer.keys, layer.values) for layer in ready.cache.layers]
+    fresh = ready.fresh_ids.numel()
+    steps = {
+        "engine lookup of missing units (PromptCache._missing: unit_key + get)": lambda: pc._missing(s, bound),
+        "unit_key for every used unit (done twice per answer)": lambda: [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units],
+        "memory-tier get (all units)": lambda: [pc.store.get(k) for k in keys],
+        "assembler.assemble (mask + torch.cat per layer)": lambda: assembler.assemble(
+            s.layout, s.plan, bound, entries, next(lm.model.parameters()).dtype),
+        "cache growth in prefill (torch.cat of cache + fresh, per layer, k and v)": lambda: [
+            (torch.cat([k, k[:, :, :fresh]], dim=2), torch.cat([v, v[:, :, :fresh]], dim=2)) for k, v in layers],
+        "disk-tier load, checksum verified": lambda: [disk.get(k) for k in keys],
+        "disk-tier load, no checksum": lambda: [disk_fast.get(k) for k in keys],
+        "open_store (fresh store object)": lambda: open_store(store_dir, lm),
+    }
+    rows = []
+    for name, fn in steps.items():
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        rows.append({"step": name, "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.speed", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
