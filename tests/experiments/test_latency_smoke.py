@@ -1,0 +1,62 @@
+"""Smoke test: the latency experiment and the speed benchmark run end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import pytest
+
+from experiments import latency, speed
+
+DATA = latency.data_root()
+pytestmark = pytest.mark.skipif(not (DATA / "longbench" / "multi_news.jsonl").is_file(),
+                                reason=f"shared data not found at {DATA} (set PML_DATA)")
+
+
+def _args(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_latency_writes_every_output(tmp_path):
+    out = tmp_path / "lat"
+    argv = ["--model", "tiny:llama", "--lengths", "32,64,128", "--limit", "2", "--modules", "1,2",
+            "--repeats", "2", "--new-tokens", "2", "--out", str(out)]
+    assert latency.run(_args(latency, argv)) == 0
+    # 2 lengths x 2 module counts x 2 repeats, each row timing all three modes
+    rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert {r["length"] for r in rows} == {32, 64}
+    assert all(r["context_tokens"] == r["length"] for r in rows)
+    for mode in latency.MODES:
+        assert all(r[f"{mode}_ttft_ms"] > 0 for r in rows)
+    assert all(r["memory_cached_tokens"] == r["disk_cached_tokens"] > r["length"] - 1 for r in rows)
+    with (out / "summary.csv").open() as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == 2 * 2 * 3  # (length, modules) x mode
+    for col in ("length", "modules", "mode", "ttft_ms_median", "ttft_ms_min", "ttft_ms_max", "cache_ms_median",
+                "prefill_ms_median", "decode_tok_s_median", "speedup"):
+        assert col in summary[0]
+    assert (out / "ttft_vs_length.png").stat().st_size > 1000
+    assert "TTFT" in (out / "report.md").read_text()
+    assert not (out / "store-scratch").exists()
+
+    # A rerun finds every item done and only rewrites the summary.
+    assert latency.run(_args(latency, argv)) == 0
+    assert len((out / "items.jsonl").read_text().splitlines()) == 8
+
+
+def test_speed_reports_every_target(tmp_path):
+    out = tmp_path / "speed"
+    code = speed.run(_args(speed, ["--model", "tiny:llama", "--context", "96", "--repeats", "3", "--profile",
+                                   "--out", str(out)]))
+    assert code in (0, 1)  # 1 = a target missed, which a tiny model is expected to do
+    report = (out / "report.md").read_text()
+    for name, *_ in speed.TARGETS:
+        assert name in report
+    assert "PASS" in report or "FAIL" in report
+    rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert sorted({r["mode"] for r in rows}) == sorted(speed.MODES) and len(rows) == 12
