@@ -55,11 +55,18 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 def new_cache(keys=None, values=None) -> DynamicCache:
-    """A cache whose layer i holds `keys[i]`, `values[i]` (`[1, kv_heads, seq, head_dim]`), or empty."""
+    """A cache whose layer i holds `keys[i]`, `values[i]` (`[1, kv_heads, seq, head_dim]`), or empty.
+
+    The tensors are adopted, not copied: `DynamicCache.update` on an empty layer would concatenate
+    onto an empty tensor, one more full copy of the states on the time-to-first-token path. Layers
+    are initialised with a zero-length update (dtype and device) and then hold the given tensors;
+    later updates concatenate into new tensors, so the given ones are never written to.
+    """
     cache = DynamicCache()
     if keys is not None:
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-            cache.update(k, v, i)
+            cache.update(k[:, :, :0], v[:, :, :0], i)
+            cache.layers[i].keys, cache.layers[i].values = k, v
     return cache
 
 

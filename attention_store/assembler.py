@@ -77,26 +77,45 @@ def fresh_tokens(layout, bound) -> tuple[list[int], list[int]]:
 def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: torch.dtype,
              device="cpu") -> Assembled:
     """Concatenate the stored states this prompt uses into one cache (model dtype, model device)."""
-    keys, values, positions = [], [], []
+    # Each piece is a (start, end) run of an entry's tokens to keep: everything but the scaffold
+    # tokens of parameters that get another value. Slicing runs makes views, so the one
+    # concatenation below is the only copy of the states on the time-to-first-token path.
+    pieces: list[tuple[KVEntry, int, int]] = []
     for unit in used_units(p, bound):
         entry = entries[unit]
-        keep = ~entry.replaceable
+        drop = entry.replaceable.clone()
         for seg in _slots(layout, unit):
             if _value(bound, unit, seg) == tuple(seg.token_ids):
-                keep |= (entry.positions >= seg.start) & (entry.positions < seg.end)
-        keys.append([k[:, :, keep] for k in entry.keys])
-        values.append([v[:, :, keep] for v in entry.values])
-        positions.append(entry.positions[keep])
-    if keys:
-        cat = lambda parts, layer: torch.cat([p_[layer] for p_ in parts], dim=2).to(device=device, dtype=dtype)
-        cache = adapter.new_cache([cat(keys, i) for i in range(len(keys[0]))],
-                                  [cat(values, i) for i in range(len(values[0]))])
-        cache_positions = torch.cat(positions)
+                drop &= ~((entry.positions >= seg.start) & (entry.positions < seg.end))
+        pieces += [(entry, lo, hi) for lo, hi in _runs(~drop)]
+    if pieces:
+        def layer(which: str, i: int) -> torch.Tensor:
+            parts = [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]
+            out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            return out.to(device=device, dtype=dtype)
+
+        n_layers = len(pieces[0][0].keys)
+        cache = adapter.new_cache([layer("keys", i) for i in range(n_layers)],
+                                  [layer("values", i) for i in range(n_layers)])
+        cache_positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
     else:
         cache, cache_positions = adapter.new_cache(), torch.zeros(0, dtype=torch.long)
     ids, pos = fresh_tokens(layout, bound)
     return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
                      torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids))
+
+
+def _runs(keep: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs of True in a bool [T] tensor, as (start, end) pairs."""
+    flags = keep.tolist()
+    runs, start = [], None
+    for i, f in enumerate(flags + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 def baseline_tokens(layout, bound) -> list[int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -48,6 +48,7 @@ class EncodePlan:
     unit_of: tuple[str, ...]  # [N] unit path of each token ("" = root text)
     units: dict[str, torch.Tensor]  # unit path -> indices into the sequence, in order
     allowed: torch.Tensor  # [N, N] bool, allowed[q, k]: token q attends to token k
+    key_memo: dict = field(default_factory=dict, compare=False, repr=False)  # unit_key results
 
     def context(self, unit: str) -> torch.Tensor:
         """Bool [N]: tokens outside `unit` that some token of `unit` attends to."""
@@ -129,6 +130,14 @@ def context_digest(p: EncodePlan, unit: str) -> str:
 
 
 def unit_key(p: EncodePlan, unit: str, lm, dtype: torch.dtype):
+    """The store key of `unit`'s states for this model and storage dtype (memoized on the plan)."""
+    memo = (unit, lm.fingerprint, lm.tokenizer.fingerprint, dtype)
+    if memo not in p.key_memo:
+        p.key_memo[memo] = _unit_key(p, unit, lm, dtype)
+    return p.key_memo[memo]
+
+
+def _unit_key(p: EncodePlan, unit: str, lm, dtype: torch.dtype):
     idx = p.units[unit]
     return entry_key(
         model_fingerprint=lm.fingerprint,
