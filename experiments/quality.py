@@ -224,8 +224,8 @@ def plot(path: Path, summary: list[dict], policies: list[str]) -> None:
 def _paper_rows(summary: list[dict], policies: list[str]) -> list[dict]:
     rows = []
     for r in summary:
-        name = r["task"].split("/")[-1]
-        if name in PAPER_LLAMA2_7B:
+        folder, _, name = r["task"].rpartition("/")
+        if folder.startswith("longbench") and name in PAPER_LLAMA2_7B:  # same LongBench task (not MuSiQue train)
             n, b, c = PAPER_LLAMA2_7B[name]
             row = {"task": r["task"], "ours n": r["n"], "ours baseline": r["baseline"]}
             row.update({f"ours cached ({p})": r[f"cached_{p}"] for p in policies})
@@ -240,7 +240,14 @@ def write_report(root: Path, summary: list[dict], all_rows: dict[str, list[dict]
     for p in policies:
         cols += [f"cached_{p}", f"delta_{p}", f"identical_%_{p}", f"first_token_%_{p}", f"mean_kl_{p}"]
     cols += ["truncated", "policies_identical"]
-    trunc = [f"- `{r['id']}` ({t}): {r['truncation']}" for t, rows in all_rows.items() for r in rows if r["truncated"]]
+    trunc = []
+    for t, rows in all_rows.items():
+        cut = [r for r in rows if r["truncated"]]
+        if cut:
+            orig = sorted(r["original_tokens"] for r in cut)
+            trunc.append(f"- {t}: {len(cut)} of {len(rows)} items truncated (original context "
+                         f"{orig[0]}-{orig[-1]} tokens, median {orig[len(orig) // 2]}); e.g. `{cut[0]['id']}`: "
+                         f"{cut[0]['truncation']}")
     ident = sum(bool(s["policies_identical"]) for s in summary)
     tasks = ", ".join(f"{s['task']} (n={s['n']})" for s in summary)
     setup = (
@@ -274,7 +281,8 @@ def write_report(root: Path, summary: list[dict], all_rows: dict[str, list[dict]
            f"per step along the first {args.kl_tokens} tokens of the baseline's answer.\n\n"
            "![quality delta](quality_delta.png)\n"),
         ("Policies", honesty),
-        ("Truncation", ("\n".join(trunc) + "\n") if trunc else "No context was truncated.\n"),
+        ("Truncation", ("\n".join(trunc) + "\n\nEvery item's `truncated`, `original_tokens`, `context_tokens` "
+                        "and `truncation` are in its items.jsonl.\n") if trunc else "No context was truncated.\n"),
         ("Paper reference (Llama-2-7B, authors' per-sample outputs)",
          outputs.markdown_table(_paper_rows(summary, policies))
          + "\nThe paper's model is 50x larger and ran the full 200 items per task; compare the size of the "

@@ -64,3 +64,36 @@ def test_bench_parser_has_every_experiment():
     assert args.limit == 1 and args.policy == ["schema"] and callable(args.func)
     for name in cli.EXPERIMENTS:
         assert callable(parser.parse_args(["bench", name]).func)
+
+
+def test_policies_identical_only_for_one_module_after_root_text():
+    from attention_store.tiny import ByteTokenizer
+    from experiments import quality, workloads
+    from pml.layout import compute_layout
+    from pml.parser import parse_schema
+
+    tok = ByteTokenizer()
+    one, _ = workloads.build_schema("one", "Read this.\n", ("a long document",))
+    two, _ = workloads.build_schema("two", "Read these.\n", ("first passage", "second passage"))
+    # expected: one module after root text sees the same under both policies; the second passage does not
+    assert quality.policies_identical(compute_layout(parse_schema(one), tok))
+    assert not quality.policies_identical(compute_layout(parse_schema(two), tok))
+
+
+def test_summarize_and_kl():
+    import torch
+
+    from experiments import quality
+
+    lp = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1)
+    assert quality.mean_kl(lp, lp) == 0.0
+    assert quality.mean_kl(lp, torch.log_softmax(torch.zeros(1, 3), -1)) > 0
+    rows = [{"truncated": True, "policies_identical": False, "baseline": {"score": 1.0, "ttft_ms": 10.0},
+             "independent": {"score": 0.5, "identical": False, "first_token_same": True, "kl": 0.2, "ttft_ms": 1.0}},
+            {"truncated": False, "policies_identical": False, "baseline": {"score": 0.0, "ttft_ms": 10.0},
+             "independent": {"score": 0.0, "identical": True, "first_token_same": True, "kl": None, "ttft_ms": 1.0}}]
+    s = quality.summarize("t", "qa_f1", rows, ["independent"])
+    # expected: baseline 50, cached 25, delta -25; one of two identical; KL averaged over the item that has one
+    assert (s["baseline"], s["cached_independent"], s["delta_independent"]) == (50.0, 25.0, -25.0)
+    assert s["identical_%_independent"] == 50.0 and s["first_token_%_independent"] == 100.0
+    assert s["mean_kl_independent"] == 0.2 and s["truncated"] == 1
