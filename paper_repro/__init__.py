@@ -1,0 +1,1 @@
+"""Paper reproduction: the Prompt Cache paper's reference numbers beside what this project measures."""
