@@ -156,9 +156,9 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     fresh = ready.fresh_ids.numel()
     steps = {
         "engine lookup of missing units (PromptCache._missing: unit_key + get)": lambda: pc._missing(s, bound),
-        "unit_key for every used unit (done twice per answer)": lambda: [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units],
+        "unit_key for every used unit": lambda: [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units],
         "memory-tier get (all units)": lambda: [pc.store.get(k) for k in keys],
-        "assembler.assemble (mask + torch.cat per layer)": lambda: assembler.assemble(
+        "assembler.assemble": lambda: assembler.assemble(
             s.layout, s.plan, bound, entries, next(lm.model.parameters()).dtype),
         "cache growth in prefill (torch.cat of cache + fresh, per layer, k and v)": lambda: [
             (torch.cat([k, k[:, :, :fresh]], dim=2), torch.cat([v, v[:, :, :fresh]], dim=2)) for k, v in layers],
