@@ -38,12 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_lm(name: str):
-    """A LoadedModel for a registry name or model dir, or a tiny random model for `tiny:<arch>`."""
-    if name.startswith("tiny:"):
-        # Resolved here until attention_store.models.load_model takes tiny names itself.
-        from attention_store.tiny import tiny_model
-
-        return tiny_model(name.split(":", 1)[1])
+    """A LoadedModel for a registry name, model dir, or `tiny:<arch>` (a tiny random model, for tests)."""
     from attention_store.models import load_model
 
     return load_model(name)

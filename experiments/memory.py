@@ -214,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _num(x: float) -> int | float:
-    """Whole numbers as ints, so that tables print 1024, not 1.02e+03."""
-    return int(x) if float(x).is_integer() else round(x, 1)
+    """Bytes as ints (rounded from 100 up), so that tables print 1098, not 1.1e+03."""
+    return int(round(x)) if float(x).is_integer() or abs(x) >= 100 else round(x, 1)
 
 
 def write_report(out: Path, bpt: list[dict], work: list[dict]) -> None:
