@@ -217,15 +217,16 @@ def _generation_config(args):
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
 
 
+def _print_piece(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def cmd_run(args) -> int:
     _setup_logging()
     pc = _engine(args)
     pc.add_schema(args.schema)
-    on_text = None
-    if args.stream and not args.json:
-        def on_text(piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    on_text = _print_piece if args.stream and not args.json else None
     result = pc.answer(Path(args.prompt), use_cache=not args.no_cache, config=_generation_config(args),
                        on_text=on_text)
     if args.json:

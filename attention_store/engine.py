@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 
 from attention_store import assembler, encoder, generation
+from attention_store.fileio import atomic_write
 from attention_store.generation import GenerationConfig
 from attention_store.store import AttentionStore, MemoryTier, default_store_dir
 from pml.errors import PMLError
@@ -70,10 +70,7 @@ def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = No
                 f"{lm.fingerprint[:12]}); use another --store folder, or empty this one with "
                 f"`pml store rm --all --store {root}` and delete {marker}")
     else:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{OWNER_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(owner, indent=1))
-        os.replace(tmp, marker)
+        atomic_write(marker, json.dumps(owner, indent=1))
     budget = MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
     return AttentionStore.from_dir(root, memory_budget_bytes=budget)
 

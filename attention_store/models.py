@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from attention_store.fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -196,23 +198,8 @@ def files_fingerprint(model_dir: Path) -> str:
                 h.update(block)
     digest = h.hexdigest()
     with contextlib.suppress(OSError):
-        _atomic_write_text(cache_file, digest)
+        atomic_write(cache_file, digest)
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is meant to be readable like any file
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- tokenizer adapter
@@ -418,7 +405,7 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
         del saved["quantization_config"]
         (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
     # The marker goes last: its presence is what says the dir is complete.
-    _atomic_write_text(out / MARKER, json.dumps(marker, indent=2, sort_keys=True))
+    atomic_write(out / MARKER, json.dumps(marker, indent=2, sort_keys=True))
 
 
 # --------------------------------------------------------------------------- loading

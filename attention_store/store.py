@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from typing import Any, NamedTuple, NewType
 import numpy as np
 import torch
 
+from attention_store.fileio import atomic_write
 from attention_store.models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -349,20 +349,7 @@ class DiskTier(Tier):
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in entry.tensors().items()}
         metadata = {"format": FILE_FORMAT, "meta": entry.meta.to_json(), "checksum": _payload_checksum(tensors)}
         data = save(tensors, metadata=metadata)
-        path = self.path(entry.meta.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Temp names end in .tmp, so a killed writer's leftover never matches `<key>.safetensors`.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{entry.meta.key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        atomic_write(self.path(entry.meta.key), data)
 
     def get(self, key: EntryKey) -> KVEntry | None:
         return self._load(key, verify=self.verify_on_load)
