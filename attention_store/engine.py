@@ -165,6 +165,13 @@ class PromptCache:
             bytes=sum(e.meta.nbytes for e in entries.values()),
             encoded=sum(e.meta.key not in before for e in entries.values()))
 
+    def pin(self, schema: str) -> None:
+        """Mark `schema` as hot: its entries stay in the memory tier whatever the LRU order."""
+        self.store.pin(self._schema(schema).layout.schema_name)
+
+    def unpin(self, schema: str) -> None:
+        self.store.unpin(schema)
+
     # -- phases --------------------------------------------------------------------------------
     def bind(self, prompt: str | Path):
         """Parse a prompt and check it against its schema: (schema state, BoundPrompt)."""

@@ -166,3 +166,19 @@ def test_invalid_generation_options_are_clear_errors():
         GenerationConfig(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=-1)
+
+
+def test_pinned_schema_survives_memory_pressure(lm):
+    from attention_store.store import AttentionStore, MemoryTier
+
+    other = SCHEMA.replace('name="s"', 'name="t"').replace("tea", "oak")
+    pc = PromptCache(lm, AttentionStore(MemoryTier(1), None))  # a budget too small for anything unpinned
+    pc.add_schema(SCHEMA)
+    pc.add_schema(other)
+    pc.pin("s")
+    pc.encode("s")
+    pc.encode("t")
+    kept = {row.meta.schema for row in pc.store.entries()}
+    assert kept == {"s"}  # only the pinned schema's entries are resident
+    with pytest.raises(PMLError, match="schema 'nope' was not added"):
+        pc.pin("nope")
