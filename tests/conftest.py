@@ -24,3 +24,25 @@ def tiny_archs():
     from attention_store.tiny import TINY_ARCHS
 
     return TINY_ARCHS
+
+
+@pytest.fixture(scope="session")
+def data():
+    """The shared evaluation data folder (`../shared/data` or $PML_DATA); tests skip without it."""
+    from experiments.data import data_dir
+
+    try:
+        return data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def paper_reference():
+    """The paper's reference numbers file (`../shared/reference/paper_results.md`); skip without it."""
+    from paper_repro.reference import default_path
+
+    path = default_path()
+    if not path.is_file():
+        pytest.skip(f"paper reference file not found: {path}")
+    return path

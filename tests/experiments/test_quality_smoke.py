@@ -5,18 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
 
 from experiments import cli
-from experiments.data import data_dir
 
 
-@pytest.fixture(scope="module")
-def data():
-    try:
-        return data_dir()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
 
 
 def _run(out, data, capsys):

@@ -5,10 +5,10 @@ import csv
 from pml.cli import main
 
 
-def test_sink_experiment_smoke(tmp_path, capsys):
+def test_sink_experiment_smoke(tmp_path, capsys, data):
     out = tmp_path / "sink"
     argv = ["bench", "sink", "--model", "tiny:llama", "--tasks", "musique", "--limit", "1",
-            "--max-context-tokens", "200", "--max-new-tokens", "3", "--out", str(out)]
+            "--max-context-tokens", "200", "--max-new-tokens", "3", "--out", str(out), "--data", str(data)]
     assert main(argv) == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["task"] for r in rows] == ["musique"] and rows[0]["n"] == "1"

@@ -7,8 +7,8 @@ import pytest
 from paper_repro import compare, reference
 
 
-def test_reference_table_parses_every_row():
-    rows = reference.load()
+def test_reference_table_parses_every_row(paper_reference):
+    rows = reference.load(paper_reference)
     llama = {r.task: r for r in rows if r.model == "Llama-2-7B"}
     # the file lists 14 Llama-2-7B tasks and 3 each for Falcon-7B and MPT-7B
     assert len(llama) == 14 and len(rows) == 20
@@ -24,7 +24,7 @@ def test_missing_reference_is_a_clear_error(tmp_path):
         reference.load(tmp_path / "empty.md")
 
 
-def test_report_from_summaries(tmp_path, capsys):
+def test_report_from_summaries(tmp_path, capsys, paper_reference):
     q = tmp_path / "runs" / "quality" / "m"
     q.mkdir(parents=True)
     with (q / "summary.csv").open("w", newline="") as f:
@@ -32,7 +32,8 @@ def test_report_from_summaries(tmp_path, capsys):
         w.writeheader()
         w.writerow({"task": "longbench/multi_news", "n": 4, "baseline": 10.0, "delta_independent": -1.5,
                     "ttft_baseline_ms": 4000, "ttft_independent_ms": 200})
-    assert compare.main(["--model", "m", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    assert compare.main(["--model", "m", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                         "--reference", str(paper_reference)]) == 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| longbench/multi_news | 200 | 15.9 | 15.9 | 0 | 4 | 10.0 | -1.5 |" in report
     assert "20.0x to 20.0x" in report  # 4000 / 200
