@@ -74,20 +74,23 @@ def exact_text(tokenizer, ids: list[int], n: int) -> tuple[str, int]:
     """
     from pml.parser import normalize_text
 
-    def length(m: int) -> tuple[str, int]:
-        text = normalize_text(tokenizer.decode(ids[:m]))
+    def length(skip: int, m: int) -> tuple[str, int]:
+        text = normalize_text(tokenizer.decode(ids[skip:skip + m]))
         return text, len(tokenizer.encode(text))
 
-    m = n
-    for _ in range(8):  # usually exact at once, or after one step
-        text, got = length(m)
-        if got == n:
-            return text, m
-        m += n - got
-    for m in sorted(range(max(1, n - 16), n + 64), key=lambda m: abs(m - n)):  # split characters, whitespace runs
-        text, got = length(m)
-        if got == n:
-            return text, m
+    # A cut inside a merged token can make every cut one token off; starting a token or two later
+    # (real text either way) gets past it.
+    for skip in range(8):
+        m = n
+        for _ in range(8):  # usually exact at once, or after one step
+            text, got = length(skip, m)
+            if got == n:
+                return text, skip + m
+            m += n - got
+        for m in sorted(range(max(1, n - 16), n + 64), key=lambda m: abs(m - n)):  # split characters, whitespace runs
+            text, got = length(skip, m)
+            if got == n:
+                return text, skip + m
     raise ValueError(f"could not cut the text to exactly {n} tokens (tokenizer {tokenizer.name})")
 
 
