@@ -72,7 +72,9 @@ def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = No
     else:
         atomic_write(marker, json.dumps(owner, indent=1))
     budget = MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
-    return AttentionStore.from_dir(root, memory_budget_bytes=budget)
+    # The memory tier lives where the model does (GPU memory for a GPU model), so assembly is a copy
+    # on that device.
+    return AttentionStore.from_dir(root, memory_budget_bytes=budget, device=lm.model.device)
 
 
 @dataclass(frozen=True)
