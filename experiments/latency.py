@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [r for r in items.rows.values() if r["model"] == args.model]
     summary = summary_rows(rows)
     outputs.write_csv(out / "summary.csv", summary)
-    plot = plot_ttft(out / "ttft_vs_length.png", summary, args.model)
+    plot = plot_ttft(out / "ttft_vs_length.png", summary, rows, args.model)
     write_report(out, summary, args.model, dtype, plot)
     print(f"latency: {len(rows)} repeats -> {out}/summary.csv, {plot.name}, report.md")
     return 0
@@ -290,20 +290,24 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot_ttft(path: Path, summary: list[dict], model: str) -> Path:
-    """TTFT vs context length, one curve per mode and module count (log-log), min-max as error bars."""
+def plot_ttft(path: Path, summary: list[dict], rows: list[dict], model: str) -> Path:
+    """TTFT vs context length (log-log): full prefill, and cached per tier and module count; min-max bars."""
     from experiments.plots import Series, line_plot
 
-    styles = {"full": "-o", "memory": "--s", "disk": ":^"}
-    series = []
-    for mode in MODES:
+    lengths = sorted({r["length"] for r in rows})
+    # Full prefill does not depend on the split: one curve over the repeats of every split, so its
+    # bars also show how far the machine drifted between points.
+    full = [[r["full_ttft_ms"] for r in rows if r["length"] == L] for L in lengths]
+    series = [Series("full prefill (all splits)", lengths, [statistics.median(v) for v in full],
+                     [min(v) for v in full], [max(v) for v in full], "-o")]
+    styles = {"memory": "--s", "disk": ":^"}
+    for mode in ("memory", "disk"):
         for k in sorted({r["modules"] for r in summary}):
             pts = sorted((r for r in summary if r["mode"] == mode and r["modules"] == k), key=lambda r: r["length"])
-            if not pts or (mode == "full" and k != min(r["modules"] for r in summary)):
-                continue  # full prefill does not depend on the split: one curve for it
-            label = "full prefill" if mode == "full" else f"cached ({mode} tier, {k} module{'s' * (k > 1)})"
-            series.append(Series(label, [p["length"] for p in pts], [p["ttft_ms_median"] for p in pts],
-                                 [p["ttft_ms_min"] for p in pts], [p["ttft_ms_max"] for p in pts], styles[mode]))
+            if pts:
+                series.append(Series(f"cached ({mode} tier, {k} module{'s' * (k > 1)})", [p["length"] for p in pts],
+                                     [p["ttft_ms_median"] for p in pts], [p["ttft_ms_min"] for p in pts],
+                                     [p["ttft_ms_max"] for p in pts], styles[mode]))
     return line_plot(path, series, xlabel="context tokens (cached document)", ylabel="TTFT (ms)",
                      title=f"Time to first token, {model} (median, min-max bars)", logx=True, logy=True)
 

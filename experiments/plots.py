@@ -36,7 +36,10 @@ def line_plot(path: Path, series: Sequence[Series], *, xlabel: str, ylabel: str,
         else:
             ax.plot(s.x, s.y, s.style, label=s.label, markersize=4)
     if logx:
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 4096, not 2^12
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
