@@ -1,7 +1,7 @@
 """Speed benchmark: full-prefill TTFT vs cached TTFT (memory and disk tier) vs the bare forward pass, with targets.
 
 One schema with one module of exactly `--context` tokens of real text (LongBench multi_news) and a
-question of about 30 tokens as user text. Per repeat, in an order rotated between repeats:
+question of 30 tokens (smollm2 tokenizer) as user text. Per repeat, in an order rotated between repeats:
 
 - (a) `full`: `answer(use_cache=False)` with one new token: TTFT of an ordinary prefill;
 - (b) `memory`: `answer()` with the module's states in the memory tier;
@@ -25,7 +25,7 @@ from experiments.latency import (data_root, document_pool, exact_text, load_lm, 
                                  reset_store_dir, rotated, schema_xml)
 
 MODES = ("full", "memory", "forward", "disk")
-QUESTION = "Which people and organizations are mentioned in these news reports, and what did each of them say or do according to the articles?"
+QUESTION = "Which people and organizations are mentioned in these news reports, and what did each of them say or do according to the articles? Answer in two sentences."
 TARGETS = (  # (name, numerator, denominator, comparison, bound)
     ("full / memory (cached TTFT speedup)", "full", "memory", ">=", 30.0),
     ("memory / forward (assembly overhead)", "memory", "forward", "<=", 1.15),
