@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "latency": "time to first token with and without the cache",
     "memory": "bytes of stored attention states per token and per schema",
     "quality": "task scores with and without the cache, and fidelity to the baseline",
+    "speed": "the speed benchmark: cached vs full-prefill TTFT on one 4,000-token module, with targets",
     "sink": "fidelity of the independent policy with and without the leading root text as attention sink",
 }
 
