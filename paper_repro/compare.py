@@ -16,8 +16,8 @@ from pathlib import Path
 from experiments import outputs
 from paper_repro import reference
 
-QUALITY_CMD = "pml bench quality --model smollm2-135m"
-SPEED_CMD = "python -m experiments.speed"
+QUALITY_CMD = "pml bench quality --model smollm2-135m (see docs/RESULTS.md for the tasks and limits)"
+SPEED_CMD = "python -m experiments.speed --model smollm2-135m --context 4000 --repeats 5 --threads 1"
 
 
 def _read_csv(path: Path) -> list[dict]:
