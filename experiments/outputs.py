@@ -78,8 +78,15 @@ def machine() -> str:
 
 
 def command() -> str:
+    """The command line of this run, as a user would type it again."""
     argv = list(sys.argv)
-    argv[0] = Path(argv[0]).name
+    script = Path(argv[0])
+    if script.name == "__main__.py":  # python -m PACKAGE
+        argv[0:1] = ["python", "-m", script.parent.name]
+    elif script.parent.name == "experiments":  # python -m experiments.MODULE
+        argv[0:1] = ["python", "-m", f"experiments.{script.stem}"]
+    else:
+        argv[0] = script.name
     return shlex.join(argv)
 
 
@@ -98,6 +105,6 @@ def write_report(path: Path, title: str, *, model: str, dtype: str, sections: li
     head = [f"# {title}", "",
             f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- model: {model} ({dtype})", f"- machine: {machine()}",
-            f"- command: `{command()}`", ""]
+            f"- command: `{command()}`", "", ""]
     body = [f"## {h}\n\n{b}" for h, b in sections]
     path.write_text("\n".join(head) + "\n".join(body))
