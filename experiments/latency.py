@@ -17,6 +17,7 @@ following tokens. Schema encoding is timed once per (L, K) and kept out of TTFT,
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 import shutil
@@ -327,11 +328,7 @@ def write_report(out: Path, summary: list[dict], model: str, dtype: str, plot: P
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.latency", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # python -m experiments.latency: the same parser as `pml bench latency`
+    from experiments.cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["latency", *sys.argv[1:]]))

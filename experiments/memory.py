@@ -239,11 +239,7 @@ def write_report(out: Path, bpt: list[dict], work: list[dict]) -> None:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.memory", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # python -m experiments.memory: the same parser as `pml bench memory`
+    from experiments.cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["memory", *sys.argv[1:]]))

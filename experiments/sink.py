@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 
-import torch
 from tqdm import tqdm
 
 from experiments import data as D
@@ -87,12 +86,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.sink", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    with torch.inference_mode():
-        return run(p.parse_args(argv))
+if __name__ == "__main__":  # python -m experiments.sink: the same parser as `pml bench sink`
+    from experiments.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(["sink", *sys.argv[1:]]))

@@ -16,6 +16,7 @@ Targets: (a)/(b) >= 30x, (b)/(c) <= 1.15 (assembly adds under 15%), (a)/(d) >= 1
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -177,11 +178,7 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.speed", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # python -m experiments.speed: the same parser as `pml bench speed`
+    from experiments.cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["speed", *sys.argv[1:]]))
