@@ -174,17 +174,23 @@ def _text_nodes(raw: str | None, line: int | None) -> list[Text]:
 # ----------------------------------------------------------------------------------------- schema
 
 
+def _expect_root(root: etree._Element, ctx: _Ctx, want: str, attrs: tuple[str, ...]) -> None:
+    """The root must be <want> with only `attrs`; a swapped schema/prompt gets a pointed hint."""
+    tag = _tag(root, ctx)
+    if tag != want:
+        other = {"schema": "prompt", "prompt": "schema"}[want]
+        hint = f" (this is a {other}: use parse_{other})" if tag == other else ""
+        raise ctx.error(f"expected <{want}> at the root, found <{tag}>{hint}", root)
+    _check_attrs(root, attrs, ctx)
+
+
 class _SchemaParser:
     def __init__(self, ctx: _Ctx) -> None:
         self.ctx = ctx
 
     def schema(self, root: etree._Element) -> Schema:
         ctx = self.ctx
-        tag = _tag(root, ctx)
-        if tag != "schema":
-            hint = " (this is a prompt: use parse_prompt)" if tag == "prompt" else ""
-            raise ctx.error(f"expected <schema> at the root, found <{tag}>{hint}", root)
-        _check_attrs(root, ("name",), ctx)
+        _expect_root(root, ctx, "schema", ("name",))
         name = _check_name(root.get("name"), root, ctx, "schema")
         children = self.content(root, in_module=False, in_chat=False)
         self.check_scope(children, root)
@@ -347,11 +353,7 @@ class _PromptParser:
 
     def prompt(self, root: etree._Element) -> Prompt:
         ctx = self.ctx
-        tag = _tag(root, ctx)
-        if tag != "prompt":
-            hint = " (this is a schema: use parse_schema)" if tag == "schema" else ""
-            raise ctx.error(f"expected <prompt> at the root, found <{tag}>{hint}", root)
-        _check_attrs(root, ("schema",), ctx)
+        _expect_root(root, ctx, "prompt", ("schema",))
         schema = root.get("schema")
         if not schema:
             raise ctx.error("<prompt> needs the schema it uses: add schema=\"...\"", root)
