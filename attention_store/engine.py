@@ -183,7 +183,13 @@ class PromptCache:
             raise PMLError(f"prompt uses schema {p.schema!r}, which was not added (added: {known})",
                            file=getattr(p, "file", None), line=getattr(p, "line", None), element="prompt")
         s = self.schemas[p.schema]
-        return s, bind_prompt(p, s.layout, self.lm.tokenizer)
+        bound = bind_prompt(p, s.layout, self.lm.tokenizer)
+        if not bound.suffix_ids:
+            # Generation needs the logits of a last token, which only a fresh forward produces.
+            raise PMLError("the prompt adds no new text: add the question or instruction as text or a "
+                           "<user> turn after the module references", file=getattr(p, "file", None),
+                           line=getattr(p, "line", None), element="prompt")
+        return s, bound
 
     def assemble(self, s: _Schema, bound) -> assembler.Assembled:
         """Store lookup (encoding what is missing) and copy into one cache."""

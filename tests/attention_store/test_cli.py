@@ -94,3 +94,16 @@ def test_console_script_runs_as_a_subprocess(files):
                           "--max-new-tokens", "3", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["usage"]["completion_tokens"] <= 3
+
+
+def test_store_command_errors(files, capsys):
+    assert main(["store", "ls", "--store", str(files / "no-such-store")]) == 2
+    assert "no store at" in capsys.readouterr().err
+    store = str(files / "store")
+    assert main(["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store]) == 0
+    capsys.readouterr()
+    assert main(["store", "rm", "--store", store]) == 2  # nothing named: refuse rather than guess
+    assert "--all" in capsys.readouterr().err
+    (files / "store" / "owner.json").write_text("{not json")
+    assert main(["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store]) == 2
+    assert "unreadable" in capsys.readouterr().err

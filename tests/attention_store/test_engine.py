@@ -41,6 +41,7 @@ def entry_keys(pc):
     ('<prompt schema="s"><q topic="far too long a topic for four tokens"/>Hi</prompt>', "topic"),
     ('<prompt schema="s"><q colour="red"/>Hi</prompt>', "colour"),
     ('<prompt schema="s"><doc>', r"^1: error: .*(closed|end|tag)"),
+    ('<prompt schema="s"><doc/></prompt>', "adds no new text"),
 ])
 def test_bad_prompts_are_clear_errors_and_change_nothing(lm, tmp_path, bad, message):
     pc = PromptCache(lm, open_store(tmp_path, lm))
