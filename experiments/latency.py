@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import json
-import os
 import shutil
 import statistics
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import outputs
+from experiments.data import data_dir
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_MODULES = (1, 4, 16)
@@ -36,18 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def load_lm(name: str):
-    """A LoadedModel for a registry name, model dir, or `tiny:<arch>` (a tiny random model, for tests)."""
-    from attention_store.models import load_model
-
-    return load_model(name)
-
-
-def data_root(arg: str | None = None) -> Path:
-    """`--data`, else `$PML_DATA`, else `../shared/data` next to the repository."""
-    return Path(arg or os.environ.get("PML_DATA") or REPO.parent / "shared" / "data")
 
 
 def document_pool(data: Path, tokenizer, n_tokens: int, source: str = "longbench/multi_news.jsonl") -> list[int]:
@@ -203,9 +191,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_lm(args.model)
+    from attention_store.models import load_model
+
+    lm = load_model(args.model)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    pool = document_pool(data_root(args.data), lm.tokenizer, max(lengths))
+    pool = document_pool(data_dir(args.data), lm.tokenizer, max(lengths))
     store_dir = reset_store_dir(out / "store-scratch")
     timed = GenerationConfig(max_new_tokens=args.new_tokens, eos_ids=())  # no EOS: always N tokens
     pc_mem = PromptCache(lm, open_store(store_dir, lm))

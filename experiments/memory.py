@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from experiments import outputs
-from experiments.latency import (data_root, document_pool, exact_text, load_lm, prompt_xml, reset_store_dir,
+from experiments.data import data_dir
+from experiments.latency import (document_pool, exact_text, prompt_xml, reset_store_dir,
                                  schema_xml)
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -145,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown dtype {d!r}: choose from {', '.join(DTYPES)}")
     out = outputs.run_dir("memory", args.out)
     items = outputs.ItemLog(out / "items.jsonl")
-    data = data_root(args.data)
+    from attention_store.models import load_model
+
+    data = data_dir(args.data)
     answer_cfg = GenerationConfig(max_new_tokens=4, eos_ids=())
 
     for model in tqdm(models, desc="memory", unit="model"):
@@ -154,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         load: dict = {}
         with peak_rss(load):
-            lm = load_lm(model)
+            lm = load_model(model)
         layers, kv_heads, head_dim = kv_shape(lm.model.config)
         scratch = out / "store-scratch"
         base = {"model": model, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,

@@ -28,15 +28,6 @@ POLICIES = ("independent", "schema")
 DEFAULT_TASKS = "longbench/multi_news,longbench/qmsum,longbench_mini/*,musique"
 STORE_BUDGET = 2 << 30  # bytes of KV held per item group (cleared between groups)
 
-# Llama-2-7B with and without the cache, from the authors' published per-sample outputs
-# (shared/reference/paper_results.md): LongBench task -> (n, baseline, cached).
-PAPER_LLAMA2_7B = {
-    "2wikimqa": (200, 16.6, 13.9), "gov_report": (200, 14.8, 15.5), "hotpotqa": (200, 18.3, 19.3),
-    "multi_news": (200, 15.9, 15.9), "multifieldqa_en": (150, 28.6, 29.6), "musique": (200, 7.3, 8.6),
-    "narrativeqa": (200, 19.9, 19.4), "passage_count": (200, 3.3, 4.0), "passage_retrieval_en": (200, 7.5, 4.2),
-    "qasper": (200, 18.0, 19.3), "qmsum": (200, 15.0, 14.5), "trec": (200, 7.0, 7.0), "triviaqa": (200, 12.5, 11.7),
-}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=DEFAULT_TASKS,
@@ -61,20 +52,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerun-identical", action="store_true",
                    help="encode and answer every policy even where the policies' encoding masks are identical "
                         "(default: such items reuse the first policy's answer, marked `reused_from`)")
-
-
-def load_lm(name: str):
-    """A LoadedModel; `tiny:<arch>` is a random tiny model (via load_model once it knows the name)."""
-    from attention_store import models
-
-    if name.startswith("tiny:"):
-        try:
-            return models.load_model(name)
-        except (KeyError, FileNotFoundError, OSError, ValueError):
-            from attention_store.tiny import tiny_model
-
-            return tiny_model(name.split(":", 1)[1])
-    return models.load_model(name)
 
 
 def _slug(name: str) -> str:
@@ -222,14 +199,23 @@ def plot(path: Path, summary: list[dict], policies: list[str]) -> None:
 
 
 def _paper_rows(summary: list[dict], policies: list[str]) -> list[dict]:
+    """Our tasks beside the authors' Llama-2-7B numbers (shared/reference/paper_results.md), if present."""
+    from paper_repro import reference
+
+    try:
+        paper = {r.task: r for r in reference.load() if r.model == "Llama-2-7B"}
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("paper reference numbers left out of the report: %s", e)
+        return []
     rows = []
     for r in summary:
         folder, _, name = r["task"].rpartition("/")
-        if folder.startswith("longbench") and name in PAPER_LLAMA2_7B:  # same LongBench task (not MuSiQue train)
-            n, b, c = PAPER_LLAMA2_7B[name]
+        if folder.startswith("longbench") and name in paper:  # same LongBench task (not MuSiQue train)
+            ref = paper[name]
             row = {"task": r["task"], "ours n": r["n"], "ours baseline": r["baseline"]}
             row.update({f"ours cached ({p})": r[f"cached_{p}"] for p in policies})
-            row.update({"paper n": n, "paper baseline": b, "paper cached": c, "paper delta": round(c - b, 1)})
+            row.update({"paper n": ref.n, "paper baseline": ref.baseline, "paper cached": ref.cached,
+                        "paper delta": ref.delta})
             rows.append(row)
     return rows
 
@@ -304,7 +290,9 @@ def run(args: argparse.Namespace) -> int:
     root_data = data_dir(args.data)
     tasks = workloads.expand_tasks(args.tasks, root_data)
     policies = list(dict.fromkeys(args.policy))
-    lm = load_lm(args.model)
+    from attention_store.models import load_model
+
+    lm = load_model(args.model)
     root = outputs.run_dir(f"quality/{_slug(args.model)}", args.out)
     plan = []
     for task, limit in tasks:

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from experiments import outputs
-from experiments.latency import (data_root, document_pool, exact_text, load_lm, module_tokens, prompt_xml,
+from experiments.data import data_dir
+from experiments.latency import (document_pool, exact_text, module_tokens, prompt_xml,
                                  reset_store_dir, rotated, schema_xml)
 
 MODES = ("full", "memory", "forward", "disk")
@@ -59,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
     items = outputs.ItemLog(out / "items.jsonl")
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_lm(args.model)
+    from attention_store.models import load_model
+
+    lm = load_model(args.model)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    text, _ = exact_text(lm.tokenizer, document_pool(data_root(args.data), lm.tokenizer, args.context), args.context)
+    text, _ = exact_text(lm.tokenizer, document_pool(data_dir(args.data), lm.tokenizer, args.context), args.context)
     store_dir = reset_store_dir(out / "store-scratch")
     xml, prompt = schema_xml("speed", [text]), prompt_xml("speed", 1, QUESTION)
     pc = PromptCache(lm, open_store(store_dir, lm))

@@ -48,11 +48,11 @@ else:
 
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    from experiments.latency import load_lm
+    from attention_store.models import load_model
 
     name, doc_tokens, modules = request.param
     torch.manual_seed(0)
-    return _setup(load_lm(name), doc_tokens, modules)
+    return _setup(load_model(name), doc_tokens, modules)
 
 
 @pytest.mark.benchmark(group="encode")

@@ -10,9 +10,7 @@ import pytest
 
 from experiments import latency, speed
 
-DATA = latency.data_root()
-pytestmark = pytest.mark.skipif(not (DATA / "longbench" / "multi_news.jsonl").is_file(),
-                                reason=f"shared data not found at {DATA} (set PML_DATA)")
+pytestmark = pytest.mark.usefixtures("data")  # skips without the shared data
 
 
 def _args(module, argv):

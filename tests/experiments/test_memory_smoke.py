@@ -7,10 +7,9 @@ import csv
 
 import pytest
 
-from experiments import latency, memory
+from experiments import memory
 
-DATA = latency.data_root()
-pytestmark = pytest.mark.skipif(not (DATA / "multidoc").is_dir(), reason=f"shared data not found at {DATA} (set PML_DATA)")
+pytestmark = pytest.mark.usefixtures("data")  # skips without the shared data
 
 
 def test_memory_writes_tables(tmp_path):
