@@ -250,15 +250,13 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     _setup_logging()
-    from attention_store.engine import PromptCache, open_store
     from attention_store.generation import GenerationConfig
 
     schema, prompt = EXAMPLES / "travel.pml", EXAMPLES / "travel_prompt.pml"
     if not schema.is_file():
         print(f"pml demo: example schema not found at {schema} (run from a source checkout)", file=sys.stderr)
         return 2
-    lm = _load(args.model)
-    pc = PromptCache(lm, open_store(args.store, lm))
+    pc = _engine(args)
     layout = pc.add_schema(schema)
     print(f"schema {layout.schema_name}: {len(layout.modules)} modules over {layout.length} reserved positions")
     report = pc.encode(layout.schema_name, progress=_progress("encoding"))

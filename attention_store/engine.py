@@ -200,9 +200,8 @@ class PromptCache:
     def baseline(self, s: _Schema, bound) -> assembler.Assembled:
         """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache."""
         ids = assembler.baseline_tokens(s.layout, bound)
-        empty = assembler.Assembled(encoder.adapter.new_cache(), torch.zeros(0, dtype=torch.long),
-                                    torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), len(ids))
-        return empty
+        return assembler.Assembled(encoder.adapter.new_cache(), torch.zeros(0, dtype=torch.long),
+                                   torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), len(ids))
 
     # -- answering -----------------------------------------------------------------------------
     def answer(self, prompt: str | Path, use_cache: bool = True, config: GenerationConfig = GenerationConfig(),
@@ -259,7 +258,7 @@ class PromptCache:
     def _decode(self, state, logits, config, on_text):
         tok = self.lm.tokenizer
         tokens: list[int] = []
-        text, reason, t_first = "", "length", None
+        text, sent, reason, t_first = "", "", "length", None
         for token in generation.decode(self.lm, state, logits, config):
             if t_first is None:
                 t_first = time.perf_counter()
@@ -268,14 +267,21 @@ class PromptCache:
             cut = _first_stop(new_text, config.stop)
             if cut is not None:
                 new_text, reason = new_text[:cut], "stop"
-            if on_text is not None and new_text.startswith(text) and len(new_text) > len(text):
-                on_text(new_text[len(text):])
+            if on_text is not None:
+                # Hold back a tail that could still grow into a stop string, so streamed text never
+                # includes what the stop string will cut.
+                ready = new_text if reason == "stop" else new_text[:len(new_text) - _stop_overlap(new_text, config.stop)]
+                if ready.startswith(sent) and len(ready) > len(sent):
+                    on_text(ready[len(sent):])
+                    sent = ready
             text = new_text
             if reason == "stop":
                 break
         else:
             if len(tokens) < config.max_new_tokens:
                 reason = "eos"
+        if on_text is not None and text.startswith(sent) and len(text) > len(sent):
+            on_text(text[len(sent):])  # the held-back tail, once no stop string followed
         if t_first is None:  # nothing generated: the first "token" was EOS or max_new_tokens == 0
             t_first = time.perf_counter()
         return tokens, text, reason, t_first
@@ -292,6 +298,11 @@ class PromptCache:
 
     def _model_dtype(self) -> torch.dtype:
         return next(self.lm.model.parameters()).dtype
+
+
+def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is a proper beginning of some stop string."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

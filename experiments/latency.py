@@ -32,7 +32,6 @@ DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_MODULES = (1, 4, 16)
 MODES = ("full", "memory", "disk")
 QUESTION = "Summarize the main events described in the news articles above in a few sentences, naming the people and places involved."
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -183,3 +183,19 @@ def test_pinned_schema_survives_memory_pressure(lm):
     assert kept == {"s"}  # only the pinned schema's entries are resident
     with pytest.raises(PMLError, match="schema 'nope' was not added"):
         pc.pin("nope")
+
+
+def test_streaming_never_emits_text_a_stop_string_cuts(lm):
+    pc = PromptCache(lm)
+    pc.add_schema(SCHEMA)
+    full = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=12, eos_ids=()))
+    # a stop string spanning two tokens of the byte tokenizer: its first byte arrives one step early
+    stop = full.text[4:6]
+    pieces = []
+    r = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=12, eos_ids=(), stop=(stop,)), on_text=pieces.append)
+    assert r.finish_reason == "stop" and "".join(pieces) == r.text == full.text[: full.text.find(stop)]
+    # a stop string that never comes: the held-back tail is still delivered at the end
+    pieces = []
+    r = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=12, eos_ids=(), stop=(full.text[-1] + "\x07",)),
+                  on_text=pieces.append)
+    assert "".join(pieces) == r.text == full.text
