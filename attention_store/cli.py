@@ -114,11 +114,6 @@ def _user_errors(handler):
         except (UserError, StoreMismatch) as e:
             print(f"pml: error: {e}", file=sys.stderr)
             return 2
-        except OSError as e:
-            if isinstance(e, FileNotFoundError) and e.filename:
-                print(f"{e.filename}: error: no such file", file=sys.stderr)
-                return 2
-            raise
 
     return run
 

@@ -315,6 +315,6 @@ def _parse(source, parse):
     if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("<")):
         path = Path(source)
         if not path.is_file():
-            raise PMLError(f"no such file: {path}", file=str(path))
+            raise PMLError("no such file", file=str(path))
         return parse(path.read_bytes(), path=str(path))
     return parse(source)

@@ -107,3 +107,13 @@ def test_store_command_errors(files, capsys):
     (files / "store" / "owner.json").write_text("{not json")
     assert main(["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store]) == 2
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_missing_files_are_one_line_errors(files, capsys):
+    store = str(files / "store")
+    assert main(["encode", str(files / "nope.pml"), "--model", "tiny:llama", "--store", store]) == 2
+    assert capsys.readouterr().err.strip() == f"{files / 'nope.pml'}: error: no such file"
+    assert main(["run", str(files / "nope.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+                 "--store", store]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err
