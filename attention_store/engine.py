@@ -160,12 +160,11 @@ class PromptCache:
     def encode(self, schema: str, progress: Callable[[int, int], None] | None = None) -> EncodeReport:
         """Precompute every cacheable module of `schema` into the store (skipping stored ones)."""
         s = self._schema(schema)
-        before = {row.meta.key for row in self.store.entries()}
+        missing = self._missing(s, list(s.plan.units))
         entries = encoder.ensure_encoded(s.plan, self.lm, self.store, self.storage_dtype, progress=progress)
         return EncodeReport(
             modules=len(entries), tokens=sum(e.meta.tokens for e in entries.values()),
-            bytes=sum(e.meta.nbytes for e in entries.values()),
-            encoded=sum(e.meta.key not in before for e in entries.values()))
+            bytes=sum(e.meta.nbytes for e in entries.values()), encoded=len(missing))
 
     def pin(self, schema: str) -> None:
         """Mark `schema` as hot: its entries stay in the memory tier whatever the LRU order."""
@@ -211,7 +210,7 @@ class PromptCache:
         encode_ms = 0.0
         t0 = time.perf_counter()
         if use_cache:
-            missing = self._missing(s, bound)
+            missing = self._missing(s, assembler.used_units(s.plan, bound))
             if missing:
                 t = time.perf_counter()
                 encoder.ensure_encoded(s.plan, self.lm, self.store, self.storage_dtype, missing)
@@ -286,10 +285,9 @@ class PromptCache:
             t_first = time.perf_counter()
         return tokens, text, reason, t_first
 
-    def _missing(self, s: _Schema, bound) -> list[str]:
-        # A membership test, not a load: the load (and checksum) happens once, in assemble.
-        return [u for u in assembler.used_units(s.plan, bound)
-                if encoder.unit_key(s.plan, u, self.lm, self.storage_dtype) not in self.store]
+    def _missing(self, s: _Schema, units: list[str]) -> list[str]:
+        # A membership test, not a load: the load (and checksum) happens once, when states are used.
+        return [u for u in units if encoder.unit_key(s.plan, u, self.lm, self.storage_dtype) not in self.store]
 
     def _schema(self, name: str) -> _Schema:
         if name not in self.schemas:

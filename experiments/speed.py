@@ -159,7 +159,7 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     layers = [(layer.keys, layer.values) for layer in ready.cache.layers]
     fresh = ready.fresh_ids.numel()
     steps = {
-        "engine lookup of missing units (PromptCache._missing: unit_key + get)": lambda: pc._missing(s, bound),
+        "engine lookup of missing units (PromptCache._missing: unit_key + membership)": lambda: pc._missing(s, units),
         "unit_key for every used unit": lambda: [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units],
         "memory-tier get (all units)": lambda: [pc.store.get(k) for k in keys],
         "assembler.assemble": lambda: assembler.assemble(
