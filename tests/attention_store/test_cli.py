@@ -117,3 +117,9 @@ def test_missing_files_are_one_line_errors(files, capsys):
                  "--store", store]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "Traceback" not in err
+
+
+def test_a_model_folder_that_does_not_exist_is_one_line(files, capsys):
+    code = main(["encode", str(files / "s.pml"), "--model", str(files / "no-model-here"), "--store", str(files / "st")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("pml: error: cannot load model") and "Traceback" not in err

@@ -199,3 +199,10 @@ def test_streaming_never_emits_text_a_stop_string_cuts(lm):
     r = pc.answer(PROMPT, config=GenerationConfig(max_new_tokens=12, eos_ids=(), stop=(full.text[-1] + "\x07",)),
                   on_text=pieces.append)
     assert "".join(pieces) == r.text == full.text
+
+
+def test_unknown_policy_or_storage_dtype_is_a_clear_error(lm):
+    with pytest.raises(ValueError, match="unknown policy 'joint'"):
+        PromptCache(lm, policy="joint")
+    with pytest.raises(ValueError, match="unknown storage dtype 'fp8'.*fp32, fp16, bf16"):
+        PromptCache(lm, storage_dtype="fp8")
