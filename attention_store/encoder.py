@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from attention_store import adapter
-from attention_store.store import KVEntry, dtype_name, entry_key
+from attention_store.policies import DEFAULT_POLICY, POLICIES
+from attention_store.entry import KVEntry
+from attention_store.dtypes import dtype_name
+from attention_store.keys import entry_key
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("independent", "schema")
-DEFAULT_POLICY = "independent"
 ROOT = ""  # unit path of the schema's root-level text
 CHUNK = 512  # tokens per forward call while encoding: bounds activation memory, drives progress
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from experiments import outputs
 from experiments.data import data_dir
+from prompt_cache import DEFAULT_MODEL
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_MODULES = (1, 4, 16)
@@ -155,7 +156,7 @@ class Point:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="registry name, model dir, or tiny:<arch> (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir, or tiny:<arch> (default: %(default)s)")
     parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="context lengths in tokens, comma-separated (default: %(default)s; 8192 works too)")
     parser.add_argument("--modules", default=",".join(map(str, DEFAULT_MODULES)),
@@ -174,8 +175,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from attention_store.engine import PromptCache, open_store
-    from attention_store.generation import GenerationConfig
+    from attention_store.store import open_store
+    from prompt_cache.engine import PromptCache
+    from prompt_cache.generation import GenerationConfig
 
     lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
     counts = [int(x) for x in str(args.modules).split(",") if x.strip()]
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from attention_store.models import load_model
+    from prompt_cache.models import load_model
 
     lm = load_model(args.model)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")

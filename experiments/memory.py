@@ -134,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from attention_store.adapter import kv_shape
-    from attention_store.engine import PromptCache, open_store
-    from attention_store.generation import GenerationConfig
+    from attention_store.store import open_store
+    from prompt_cache.engine import PromptCache
+    from prompt_cache.generation import GenerationConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown dtype {d!r}: choose from {', '.join(DTYPES)}")
     out = outputs.run_dir("memory", args.out)
     items = outputs.ItemLog(out / "items.jsonl")
-    from attention_store.models import load_model
+    from prompt_cache.models import load_model
 
     data = data_dir(args.data)
     answer_cfg = GenerationConfig(max_new_tokens=4, eos_ids=())

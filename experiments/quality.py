@@ -21,6 +21,7 @@ from pathlib import Path
 
 from experiments import metrics, outputs, workloads
 from experiments.data import data_dir
+from prompt_cache import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="items per task without its own :N (default: all)")
     p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES),
                    help="encoding policies to compare with the baseline (default: both)")
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="registry name (smollm2-135m, gemma3-270m), model folder, or tiny:<arch> for smoke tests")
     p.add_argument("--data", help="evaluation data folder (default: $PML_DATA or ../shared/data)")
     p.add_argument("--out", help="output folder (default: runs/quality/<model>)")
@@ -77,8 +78,9 @@ class Runner:
     """One PromptCache per policy over one model and one in-memory store, cleared between schemas."""
 
     def __init__(self, lm, policies: list[str], kl_tokens: int, rerun_identical: bool = False):
-        from attention_store.engine import PromptCache
-        from attention_store.store import AttentionStore, MemoryTier
+        from prompt_cache.engine import PromptCache
+        from attention_store.store import AttentionStore
+        from attention_store.tiers import MemoryTier
 
         self.lm = lm
         self.store = AttentionStore(MemoryTier(STORE_BUDGET), None)
@@ -105,7 +107,7 @@ class Runner:
         return self._identical, (time.perf_counter() - t) * 1e3
 
     def run(self, item: workloads.Item, max_new_tokens: int) -> dict:
-        from attention_store.generation import GenerationConfig
+        from prompt_cache.generation import GenerationConfig
 
         t0 = time.perf_counter()
         identical, encode_ms = self._enter(item)
@@ -290,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     root_data = data_dir(args.data)
     tasks = workloads.expand_tasks(args.tasks, root_data)
     policies = list(dict.fromkeys(args.policy))
-    from attention_store.models import load_model
+    from prompt_cache.models import load_model
 
     lm = load_model(args.model)
     root = outputs.run_dir(f"quality/{_slug(args.model)}", args.out)

@@ -20,10 +20,11 @@ from tqdm import tqdm
 from experiments import data as D
 from experiments import outputs
 from experiments.workloads import load_items
+from prompt_cache import DEFAULT_MODEL
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tasks", default="musique,longbench_mini/hotpotqa,longbench_mini/multifieldqa_en")
     p.add_argument("--limit", type=int, default=6, help="items per task")
     p.add_argument("--max-context-tokens", type=int, default=2048)
@@ -33,9 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from attention_store.engine import PromptCache
-    from attention_store.generation import GenerationConfig
-    from attention_store.models import load_model
+    from prompt_cache.engine import PromptCache
+    from prompt_cache.generation import GenerationConfig
+    from prompt_cache.models import load_model
 
     lm = load_model(args.model)
     root = D.data_dir(args.data)

@@ -25,6 +25,7 @@ from experiments import outputs
 from experiments.data import data_dir
 from experiments.latency import (document_pool, exact_text, module_tokens, prompt_xml,
                                  reset_store_dir, rotated, schema_xml)
+from prompt_cache import DEFAULT_MODEL
 
 MODES = ("full", "memory", "forward", "disk")
 QUESTION = "Which people and organizations are mentioned in these news reports, and what did each of them say or do according to the articles? Answer in two sentences."
@@ -36,7 +37,7 @@ TARGETS = (  # (name, numerator, denominator, comparison, bound)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="registry name, model dir or tiny:<arch> (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
     parser.add_argument("--context", type=int, default=4000, help="tokens in the cached module (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each mode (default: %(default)s, at least 3)")
     parser.add_argument("--profile", action="store_true", help="also break the cached paths down into their steps")
@@ -50,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from attention_store import generation
-    from attention_store.engine import PromptCache, open_store
-    from attention_store.generation import GenerationConfig
+    from prompt_cache import generation
+    from attention_store.store import open_store
+    from prompt_cache.engine import PromptCache
+    from prompt_cache.generation import GenerationConfig
 
     model_tag = args.model.replace(":", "-").replace("/", "_")
     out = outputs.run_dir(f"speed/{model_tag}", args.out)
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     items = outputs.ItemLog(out / "items.jsonl")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from attention_store.models import load_model
+    from prompt_cache.models import load_model
 
     lm = load_model(args.model)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
@@ -146,9 +148,10 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     """Time the steps of the cached paths one by one (library calls, timed from outside)."""
     import torch
 
-    from attention_store import assembler, encoder
-    from attention_store.engine import open_store
-    from attention_store.store import DiskTier
+    from attention_store import encoder
+    from prompt_cache import assembler
+    from attention_store.store import open_store
+    from attention_store.tiers import DiskTier
 
     units = assembler.used_units(s.plan, bound)
     keys = [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units]

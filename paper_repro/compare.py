@@ -15,6 +15,7 @@ from pathlib import Path
 
 from experiments import outputs
 from paper_repro import reference
+from prompt_cache import DEFAULT_MODEL
 
 QUALITY_CMD = "pml bench quality --model smollm2-135m (see docs/RESULTS.md for the tasks and limits)"
 SPEED_CMD = "python -m experiments.speed --model smollm2-135m --context 4000 --repeats 5 --threads 1"
@@ -95,7 +96,7 @@ def _quality_ttft(quality: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m paper_repro", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--runs", default="runs", help="where the experiments wrote their results")
     p.add_argument("--reference", help="paper_results.md (default: ../shared/reference/paper_results.md)")
     p.add_argument("--out", help="report folder (default: runs/paper_repro)")

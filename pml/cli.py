@@ -1,4 +1,8 @@
-"""The ``pml`` command: ``validate`` and ``layout`` here, engine commands from attention_store.cli."""
+"""The language commands of ``pml``: ``validate`` and ``layout`` (pure: tokenizers come from a loader).
+
+The ``pml`` console command (``pml_cli``) registers these beside the engine commands and passes a
+tokenizer loader; ``python -m pml.cli`` runs them alone, needing a loader only for ``--model``.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +18,17 @@ from pml.model import Prompt, Schema
 from pml.parser import parse_file
 from pml.prompt import bind_prompt
 
-__all__ = ["main", "build_parser", "DEFAULT_MODEL"]
+__all__ = ["main", "build_parser", "add_commands"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-TokenizerLoader = Callable[[str], Tokenizer]
+# Called with a model name, or None for the default model; the engine's loader lives above this
+# package (pml never imports it), so the caller passes it in.
+TokenizerLoader = Callable[[str | None], Tokenizer]
 
 
-def _load_tokenizer(name: str) -> Tokenizer:
-    # Imported here so that `pml validate` without a model, and `import pml.cli`, stay free of
-    # torch and transformers.
-    from attention_store.models import load_tokenizer
-
-    return load_tokenizer(name)
+def _no_loader(name: str | None) -> Tokenizer:
+    raise RuntimeError("no tokenizer loader: token lengths need the engine, run this through the `pml` command")
 
 
 class TokenizerLoadError(PMLError):
@@ -37,16 +38,19 @@ class TokenizerLoadError(PMLError):
 class _Tokenizers:
     """Loads each tokenizer once, on first use; failures become PMLError (exit 2, no traceback)."""
 
-    def __init__(self, loader: TokenizerLoader) -> None:
+    def __init__(self, loader: TokenizerLoader, default_model: str | None = None) -> None:
         self.loader = loader
-        self.cache: dict[str, Tokenizer] = {}
+        self.default_model = default_model
+        self.cache: dict[str | None, Tokenizer] = {}
 
-    def get(self, name: str) -> Tokenizer:
+    def get(self, name: str | None) -> Tokenizer:
+        name = name or self.default_model
         if name not in self.cache:
             try:
                 self.cache[name] = self.loader(name)
             except Exception as e:  # noqa: BLE001 - any loader failure is reported, not traced
-                raise TokenizerLoadError(f"cannot load tokenizer {name!r}: {type(e).__name__}: {e}") from None
+                raise TokenizerLoadError(f"cannot load tokenizer {name or 'of the default model'!r}: "
+                                         f"{type(e).__name__}: {e}") from None
         return self.cache[name]
 
 
@@ -56,7 +60,7 @@ def _error_line(e: PMLError, file: str) -> str:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     toks: _Tokenizers = args.tokenizers
-    model = args.model or DEFAULT_MODEL
+    model = args.model
     schema: Schema | None = None
     layout: Layout | None = None
     if args.schema:
@@ -96,7 +100,7 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     doc = parse_file(args.schema)
     if not isinstance(doc, Schema):
         raise PMLError("expected a <schema> file, this is a <prompt>", file=args.schema)
-    layout = compute_layout(doc, args.tokenizers.get(args.model or DEFAULT_MODEL))
+    layout = compute_layout(doc, args.tokenizers.get(args.model))
     rows = [
         {"path": s.path, "kind": s.kind, "start": s.start, "end": s.end, "tokens": len(s.token_ids)}
         for s in layout.segments
@@ -112,22 +116,8 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_engine_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Let attention_store register encode/store/run/demo/bench, when it is installed."""
-    try:
-        from attention_store.cli import add_commands
-    except ImportError as e:
-        # Not there (a pml-only install): nothing to add. Present but broken: say so, and keep
-        # validate/layout working.
-        if e.name not in ("attention_store", "attention_store.cli"):
-            log.warning("engine commands unavailable: %s", e)
-        return
-    add_commands(subparsers)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pml", description="Prompt Markup Language tools (Prompt Cache).")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``validate`` and ``layout`` on a subparsers object."""
 
     v = sub.add_parser(
         "validate",
@@ -137,27 +127,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("files", nargs="+", metavar="FILE", help="schema or prompt files")
     v.add_argument("--schema", metavar="FILE", help="schema to check prompts against")
-    v.add_argument("--model", metavar="NAME", help=f"tokenizer for length checks (default {DEFAULT_MODEL})")
+    v.add_argument("--model", metavar="NAME", help="tokenizer for length checks (default: the default model's)")
     v.set_defaults(func=_cmd_validate)
 
     lay = sub.add_parser("layout", help="show a schema's token layout", description="Print every segment's positions.")
     lay.add_argument("schema", metavar="SCHEMA", help="schema file")
-    lay.add_argument("--model", metavar="NAME", help=f"tokenizer (default {DEFAULT_MODEL})")
+    lay.add_argument("--model", metavar="NAME", help="tokenizer (default: the default model's)")
     lay.add_argument("--json", action="store_true", help="print JSON: one object per segment")
     lay.set_defaults(func=_cmd_layout)
 
-    _add_engine_commands(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pml", description="Prompt Markup Language tools (Prompt Cache).")
+    add_commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
 
 
-def main(argv: Sequence[str] | None = None, *, tokenizer_loader: TokenizerLoader | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input). ``tokenizer_loader`` is for tests."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, tokenizer_loader: TokenizerLoader | None = None,
+         parser: argparse.ArgumentParser | None = None, default_model: str | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input).
+
+    ``parser`` defaults to the language commands alone (the ``pml`` console command passes its full
+    parser); ``tokenizer_loader`` turns a model name (None: the default model) into a tokenizer.
+    """
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
+    # `default_model` names the model used when --model is not given, for messages and the loader.
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    args.tokenizers = _Tokenizers(tokenizer_loader or _load_tokenizer)
+    args.tokenizers = _Tokenizers(tokenizer_loader or _no_loader, default_model)
     try:
         return int(args.func(args) or 0)
     except PMLError as e:

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture
 def tiny():
     """Factory: `tiny(arch="llama", seed=0, dtype=torch.float32)` -> LoadedModel (a fresh model each call)."""
-    from attention_store.tiny import tiny_model
+    from prompt_cache.tiny import tiny_model
 
     def make(arch: str = "llama", seed: int = 0, dtype=None):
         import torch
@@ -20,8 +20,8 @@ def tiny():
 
 @pytest.fixture
 def tiny_archs():
-    """All tiny architectures (`attention_store.tiny.TINY_ARCHS`)."""
-    from attention_store.tiny import TINY_ARCHS
+    """All tiny architectures (`prompt_cache.tiny.TINY_ARCHS`)."""
+    from prompt_cache.tiny import TINY_ARCHS
 
     return TINY_ARCHS
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from attention_store import adapter, encoder
-from attention_store.store import AttentionStore, MemoryTier
-from attention_store.tiny import tiny_model
+from attention_store.store import AttentionStore
+from attention_store.tiers import MemoryTier
+from prompt_cache.tiny import tiny_model
 from pml.layout import compute_layout
 from pml.parser import parse_schema
 

@@ -7,7 +7,10 @@ import threading
 import pytest
 import torch
 
-from attention_store.store import (AttentionStore, DiskTier, EntryKey, KVEntry, MemoryTier, entry_key)
+from attention_store.entry import KVEntry
+from attention_store.keys import EntryKey, entry_key
+from attention_store.store import AttentionStore
+from attention_store.tiers import DiskTier, MemoryTier
 
 KEY_FIELDS = dict(model_fingerprint="m" * 64, tokenizer_fingerprint="t" * 64, dtype=torch.float16,
                   token_ids=[1, 5, 7, 9], position_ids=[0, 1, 2, 3], context="c" * 64, policy="scoped")

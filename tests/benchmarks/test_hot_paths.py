@@ -12,9 +12,11 @@ import os
 import pytest
 import torch
 
-from attention_store import encoder, generation
-from attention_store.engine import PromptCache
-from attention_store.store import AttentionStore, MemoryTier
+from attention_store import encoder
+from prompt_cache import generation
+from prompt_cache.engine import PromptCache
+from attention_store.store import AttentionStore
+from attention_store.tiers import MemoryTier
 from pml.builder import PromptBuilder, SchemaBuilder
 
 REAL = os.environ.get("PML_BENCH_REAL") == "1"
@@ -48,7 +50,7 @@ else:
 
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    from attention_store.models import load_model
+    from prompt_cache.models import load_model
 
     name, doc_tokens, modules = request.param
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attention_store.tiny import ByteTokenizer
+from prompt_cache.tiny import ByteTokenizer
 from experiments import data as D
 from experiments import workloads as W
 from pml.layout import compute_layout

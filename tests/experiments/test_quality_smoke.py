@@ -59,7 +59,7 @@ def test_bench_parser_has_every_experiment():
 
 
 def test_policies_identical_only_for_one_module_after_root_text():
-    from attention_store.tiny import ByteTokenizer
+    from prompt_cache.tiny import ByteTokenizer
     from experiments import quality, workloads
     from pml.layout import compute_layout
     from pml.parser import parse_schema

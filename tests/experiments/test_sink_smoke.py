@@ -2,7 +2,7 @@
 
 import csv
 
-from pml.cli import main
+from pml_cli.main import main
 
 
 def test_sink_experiment_smoke(tmp_path, capsys, data):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attention_store.tiny import TINY_ARCHS, ByteTokenizer, tiny_config, tiny_model
+from prompt_cache.tiny import TINY_ARCHS, ByteTokenizer, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

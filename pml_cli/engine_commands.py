@@ -1,7 +1,7 @@
-"""`pml encode`, `pml store`, `pml run` and `pml demo`: the model-side commands of the `pml` CLI.
+"""`pml encode`, `pml store`, `pml run`, `pml bench` and `pml demo`: the model-side commands of `pml`.
 
-Registered by `pml.cli` through `add_commands`; this module imports torch only inside handlers so
-that `pml validate` stays fast.
+Registered by `pml_cli.main` through `add_commands`; this module imports torch only inside handlers
+so that `pml validate` stays fast.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
+from attention_store.policies import DEFAULT_POLICY, POLICIES
+from prompt_cache import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +56,19 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the example schema answered with and without the cache")
-    p.add_argument("--model", default="smollm2-135m", help="registry name or model folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
     p.add_argument("--store", help="store folder (default: a user cache folder)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=_user_errors(cmd_demo))
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="registry name (smollm2-135m, gemma3-270m) or model folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (smollm2-135m, gemma3-270m) or model folder")
     p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
-    p.add_argument("--policy", default="independent", choices=["independent", "schema"],
-                   help="encoding context of modules (default: independent, the paper's)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="storage dtype of states")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES),
+                   help="encoding context of modules (default: %(default)s, the paper's)")
+    p.add_argument("--dtype", default=DEFAULT_STORAGE_DTYPE, choices=list(STORAGE_DTYPES),
+                   help="storage dtype of states (default: %(default)s)")
 
 
 def _generation_args(p) -> None:
@@ -79,11 +84,12 @@ def _setup_logging() -> None:
 
 
 def _engine(args):
-    from attention_store.engine import PromptCache, open_store
+    from attention_store.store import open_store
+    from prompt_cache.engine import PromptCache
 
     lm = _load(args.model)
-    return PromptCache(lm, open_store(args.store, lm), policy=getattr(args, "policy", "independent"),
-                       storage_dtype=getattr(args, "dtype", "fp32"))
+    return PromptCache(lm, open_store(args.store, lm), policy=getattr(args, "policy", DEFAULT_POLICY),
+                       storage_dtype=getattr(args, "dtype", DEFAULT_STORAGE_DTYPE))
 
 
 class UserError(Exception):
@@ -91,7 +97,7 @@ class UserError(Exception):
 
 
 def _load(name: str):
-    from attention_store.models import load_model
+    from prompt_cache.models import load_model
 
     try:
         return load_model(name)
@@ -107,7 +113,7 @@ def _user_errors(handler):
 
     @functools.wraps(handler)
     def run(args) -> int:
-        from attention_store.engine import StoreMismatch
+        from attention_store.store import StoreMismatch
 
         try:
             return handler(args)
@@ -163,7 +169,8 @@ def cmd_store(args) -> int:
     _setup_logging()
     import dataclasses
 
-    from attention_store.store import AttentionStore, default_store_dir
+    from attention_store.paths import default_store_dir
+    from attention_store.store import AttentionStore
 
     root = Path(args.store) if args.store else default_store_dir()
     if not root.is_dir():
@@ -206,7 +213,7 @@ def cmd_store(args) -> int:
 
 
 def _generation_config(args):
-    from attention_store.generation import GenerationConfig
+    from prompt_cache.generation import GenerationConfig
 
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
@@ -245,7 +252,7 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     _setup_logging()
-    from attention_store.generation import GenerationConfig
+    from prompt_cache.generation import GenerationConfig
 
     schema, prompt = EXAMPLES / "travel.pml", EXAMPLES / "travel_prompt.pml"
     if not schema.is_file():

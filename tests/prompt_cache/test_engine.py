@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from attention_store import encoder
-from attention_store.engine import PromptCache, StoreMismatch, open_store
-from attention_store.generation import GenerationConfig
-from attention_store.tiny import tiny_model
+from attention_store.store import StoreMismatch, open_store
+from prompt_cache.engine import PromptCache
+from prompt_cache.generation import GenerationConfig
+from prompt_cache.tiny import tiny_model
 from pml.errors import PMLError
 
 SCHEMA = """<schema name="s">
@@ -170,7 +171,8 @@ def test_invalid_generation_options_are_clear_errors():
 
 
 def test_pinned_schema_survives_memory_pressure(lm):
-    from attention_store.store import AttentionStore, MemoryTier
+    from attention_store.store import AttentionStore
+    from attention_store.tiers import MemoryTier
 
     other = SCHEMA.replace('name="s"', 'name="t"').replace("tea", "oak")
     pc = PromptCache(lm, AttentionStore(MemoryTier(1), None))  # a budget too small for anything unpinned

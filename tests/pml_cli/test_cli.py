@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pml.cli import main
+from pml_cli.main import main
 
 SCHEMA = """<schema name="notes">
   Notes.
@@ -89,7 +89,7 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys):
 
 
 def test_console_script_runs_as_a_subprocess(files):
-    out = subprocess.run([sys.executable, "-m", "pml.cli", "run", str(files / "p.pml"), "--schema",
+    out = subprocess.run([sys.executable, "-m", "pml_cli", "run", str(files / "p.pml"), "--schema",
                           str(files / "s.pml"), "--model", "tiny:gemma3", "--store", str(files / "store"),
                           "--max-new-tokens", "3", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

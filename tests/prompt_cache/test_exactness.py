@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from attention_store import adapter
-from attention_store.engine import PromptCache
-from attention_store.generation import GenerationConfig
-from attention_store.tiny import tiny_model
+from prompt_cache.engine import PromptCache
+from prompt_cache.generation import GenerationConfig
+from prompt_cache.tiny import tiny_model
 
 ARCHS = ["llama", "llama-gqa", "gemma3", "qwen2"]
 

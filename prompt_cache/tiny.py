@@ -4,7 +4,7 @@ Weights are drawn with a larger std than transformers' default (0.15 instead of 
 patterns are far from uniform: a test that compares masked with unmasked attention can then fail.
 
 Example:
-    >>> from attention_store.tiny import tiny_model
+    >>> from prompt_cache.tiny import tiny_model
     >>> lm = tiny_model("gemma3", seed=0)        # 4 layers, sliding window 8, byte tokenizer
     >>> lm.tokenizer.encode("hi")
     [107, 108]
@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from attention_store.models import PLAIN_AFFIXES, ROLES, LoadedModel, weights_fingerprint
+from prompt_cache.loaded import LoadedModel, weights_fingerprint
+from prompt_cache.tokenizer import PLAIN_AFFIXES, ROLES
 
 TINY_ARCHS = ("llama", "llama-gqa", "gemma3", "qwen2")
 INIT_STD = 0.15  # weight std: big enough that attention is not nearly uniform

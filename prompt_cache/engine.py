@@ -1,7 +1,7 @@
 """PromptCache: answer PML prompts from cached module states, or by full prefill as the baseline.
 
 Example:
-    >>> from attention_store.engine import PromptCache
+    >>> from prompt_cache.engine import PromptCache
     >>> pc = PromptCache.load("smollm2-135m")                      # doctest: +SKIP
     >>> pc.add_schema("examples/travel.pml")                       # doctest: +SKIP
     >>> r = pc.answer(open("examples/travel_prompt.pml").read())   # doctest: +SKIP
@@ -13,9 +13,7 @@ does no timing inside them.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,59 +21,19 @@ from typing import Callable, Iterable
 
 import torch
 
-from attention_store import assembler, encoder, generation
-from attention_store.fileio import atomic_write
-from attention_store.generation import GenerationConfig
-from attention_store.store import AttentionStore, MemoryTier, default_store_dir
+from attention_store import encoder
+from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, storage_dtype as parse_storage_dtype
+from attention_store.store import AttentionStore, open_store
+from attention_store.tiers import DEFAULT_MEMORY_BUDGET, MemoryTier
+from prompt_cache import assembler, generation
+from prompt_cache.generation import GenerationConfig
 from pml.errors import PMLError
 from pml.layout import compute_layout
 from pml.parser import parse_prompt, parse_schema
 from pml.prompt import bind_prompt
+from prompt_cache import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
-
-MEMORY_BUDGET = 4 << 30  # bytes of KV kept in the memory tier by default
-STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class StoreMismatch(ValueError):
-    """A store folder holds states of another model or tokenizer."""
-
-
-OWNER_FILE = "owner.json"
-
-
-def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = None) -> AttentionStore:
-    """A disk-backed store for `lm`: `path`, or a folder per model under the default store folder.
-
-    A store folder belongs to one model: `owner.json` names its weights and tokenizer fingerprints,
-    and opening it with another model is a `StoreMismatch` (entry keys would never be served across
-    models anyway, since they include both fingerprints; this turns a silent full recompute into a
-    clear error). The check writes nothing when it fails.
-    """
-    root = Path(path) if path is not None else default_store_dir() / re.sub(r"[^\w.-]+", "_", lm.name)
-    owner = {"model": lm.name, "model_fingerprint": lm.fingerprint,
-             "tokenizer_fingerprint": lm.tokenizer.fingerprint}
-    marker = root / OWNER_FILE
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreMismatch(f"{marker} is unreadable ({e}); remove it to adopt the store") from None
-        if (found.get("model_fingerprint"), found.get("tokenizer_fingerprint")) != (
-                owner["model_fingerprint"], owner["tokenizer_fingerprint"]):
-            raise StoreMismatch(
-                f"store {root} holds states of model {found.get('model')!r} (weights "
-                f"{str(found.get('model_fingerprint'))[:12]}), not of {lm.name!r} (weights "
-                f"{lm.fingerprint[:12]}); use another --store folder, or empty this one with "
-                f"`pml store rm --all --store {root}` and delete {marker}")
-    else:
-        atomic_write(marker, json.dumps(owner, indent=1))
-    budget = MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
-    # The memory tier lives where the model does (GPU memory for a GPU model), so assembly is a copy
-    # on that device.
-    return AttentionStore.from_dir(root, memory_budget_bytes=budget, device=lm.model.device)
-
 
 @dataclass(frozen=True)
 class Usage:
@@ -129,22 +87,20 @@ class PromptCache:
     """A model, its attention store and the schemas added to it."""
 
     def __init__(self, lm, store: AttentionStore | None = None, policy: str = encoder.DEFAULT_POLICY,
-                 storage_dtype: str = "fp32", sink: bool = True):
+                 storage_dtype: str = DEFAULT_STORAGE_DTYPE, sink: bool = True):
         if policy not in encoder.POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(encoder.POLICIES)}")
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown storage dtype {storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
         self.lm = lm
-        self.store = store if store is not None else AttentionStore(MemoryTier(MEMORY_BUDGET), None)
+        self.store = store if store is not None else AttentionStore(MemoryTier(DEFAULT_MEMORY_BUDGET), None)
         self.policy = policy
         self.sink = sink  # independent policy: modules also see the leading root text (see encoder.plan)
-        self.storage_dtype = STORAGE_DTYPES[storage_dtype]
+        self.storage_dtype = parse_storage_dtype(storage_dtype)
         self.schemas: dict[str, _Schema] = {}
 
     @classmethod
-    def load(cls, model: str = "smollm2-135m", store_dir: str | Path | None = None, **kwargs) -> "PromptCache":
+    def load(cls, model: str = DEFAULT_MODEL, store_dir: str | Path | None = None, **kwargs) -> "PromptCache":
         """Load a model by registry name or directory, with a disk-backed store (default folder if None)."""
-        from attention_store.models import load_model
+        from prompt_cache.models import load_model
 
         lm = load_model(model)
         return cls(lm, open_store(store_dir, lm), **kwargs)

