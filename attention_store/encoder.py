@@ -2,14 +2,12 @@
 
 The schema's tokens are laid out in document order (every union member, parameter scaffolds, no
 `cache="false"` module) and run through the model once, in chunks, with an attention mask that
-says what each token may see under the encoding policy:
+says what each token may see under the encoding policy (`attention_store.policies`: `independent`,
+the paper's and the default; `independent:nosink`; `schema`, what the authors' code did).
 
-- `independent` (the paper's model, the default): a module's tokens see the module's own earlier
-  tokens and the schema's leading root text (BOS and the text before the first module), which acts
-  as an attention sink: without it the first tokens of every module would have nothing to attend
-  to but themselves, unlike anything the model saw in training.
-- `schema` (what the authors' code did): a token sees every earlier token of the schema except
-  members of a union it is not in; after a union, tokens see its scaffold member (or no member).
+The plan keeps visibility per token *group* (a unit's own text, root text split at the first
+module), not per token pair: the mask rows of one chunk are built when that chunk runs, so planning
+memory grows with the number of units, not with tokens squared.
 
 The resulting KV per unit (root text, or one module's own tokens) is sliced out and becomes one
 store entry, keyed by everything that changed its bytes, including a digest of what it attended to.
@@ -26,54 +24,57 @@ import numpy as np
 import torch
 
 from attention_store import adapter
-from attention_store.policies import DEFAULT_POLICY, POLICIES
-from attention_store.entry import KVEntry
 from attention_store.dtypes import dtype_name
-from attention_store.keys import entry_key
+from attention_store.entry import KVEntry
+from attention_store.keys import EntryKey, entry_key
+from attention_store.policies import DEFAULT_POLICY, ROOT, EncodingPolicy, Group, get_policy
 
 log = logging.getLogger(__name__)
 
-ROOT = ""  # unit path of the schema's root-level text
 CHUNK = 512  # tokens per forward call while encoding: bounds activation memory, drives progress
+Progress = Callable[[int, int], None]  # (tokens done, tokens in all)
 
 
 @dataclass(frozen=True)
 class EncodePlan:
-    """The schema's encode sequence and its attention pattern (plain data, no model)."""
+    """The schema's encode sequence and its attention pattern (plain data, no model).
+
+    `allowed(rows, cols)` gives the bool mask `[len(rows), len(cols)]` between any tokens of the
+    sequence: causal, and `visible` between their groups.
+    """
 
     schema: str
-    policy: str
+    policy: EncodingPolicy
     token_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64, reserved position of each token
     replaceable: torch.Tensor  # [N] bool, parameter scaffold tokens
     unit_of: tuple[str, ...]  # [N] unit path of each token ("" = root text)
     units: dict[str, torch.Tensor]  # unit path -> indices into the sequence, in order
-    allowed: torch.Tensor  # [N, N] bool, allowed[q, k]: token q attends to token k
+    group: torch.Tensor  # [N] int64, index into `groups` of each token
+    groups: tuple[Group, ...]  # [G]
+    visible: torch.Tensor  # [G, G] bool, the policy's answer per pair of groups
     key_memo: dict = field(default_factory=dict, compare=False, repr=False)  # unit_key results
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Bool `[len(rows), len(cols)]`: may sequence token `rows[i]` attend to token `cols[j]`?"""
+        causal = rows[:, None] >= cols[None, :]
+        return causal & self.visible[self.group[rows]][:, self.group[cols]]
 
     def context(self, unit: str) -> torch.Tensor:
         """Bool [N]: tokens outside `unit` that some token of `unit` attends to."""
-        seen = self.allowed[self.units[unit]].any(dim=0)
-        seen[self.units[unit]] = False
+        idx = self.units[unit]
+        seen = torch.zeros(len(self.unit_of), dtype=torch.bool)
+        order = torch.arange(len(self.unit_of))
+        for g in self.group[idx].unique().tolist():
+            last = int(idx[self.group[idx] == g].max())  # causal: keys up to the group's last token
+            seen |= self.visible[g][self.group] & (order <= last)
+        seen[idx] = False
         return seen
 
 
-def _chain(path: str) -> list[str]:
-    """Module paths from the outermost ancestor down to `path` itself."""
-    if path == ROOT:
-        return []
-    parts = path.split("/")
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def plan(layout, policy: str = DEFAULT_POLICY, sink: bool = True) -> EncodePlan:
-    """Lay out every cacheable token of the schema and the mask the policy implies.
-
-    `sink=False` drops the leading root text from what `independent` modules see (each module then
-    attends to itself alone); it exists to measure the sink's effect (experiments/sink.py).
-    """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown encoding policy {policy!r}: choose one of {', '.join(POLICIES)}")
+def plan(layout, policy: str | EncodingPolicy = DEFAULT_POLICY) -> EncodePlan:
+    """Lay out every cacheable token of the schema and the visibility its encoding policy implies."""
+    policy = get_policy(policy)
     modules = layout.modules
     ids, pos, repl, owner = [], [], [], []
     for seg in layout.segments:
@@ -83,54 +84,39 @@ def plan(layout, policy: str = DEFAULT_POLICY, sink: bool = True) -> EncodePlan:
         pos += range(seg.start, seg.start + len(seg.token_ids))
         repl += [seg.kind == "parameter"] * len(seg.token_ids)
         owner += [seg.path] * len(seg.token_ids)
-    n = len(ids)
+    first_module = min((m.start for m in modules.values()), default=layout.length)
+    token_groups = [Group(o, leading=o == ROOT and p < first_module) for o, p in zip(owner, pos)]
+    groups = tuple(dict.fromkeys(token_groups))
+    number = {g: i for i, g in enumerate(groups)}
+    visible = torch.from_numpy(np.asarray(policy.visible(groups, modules), dtype=bool))
+    if visible.shape != (len(groups), len(groups)) or not bool(visible.diagonal().all()):
+        raise ValueError(f"{policy!r}.visible returned {tuple(visible.shape)} for {len(groups)} groups, "
+                         "or hid a group from itself")
     names = list(dict.fromkeys(owner))
-    number = {name: i for i, name in enumerate(names)}
-    unit_idx = torch.tensor([number[o] for o in owner], dtype=torch.long)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    same = unit_idx[:, None] == unit_idx[None, :]
-    if policy == "independent":
-        first_module = min((m.start for m in modules.values()), default=layout.length)
-        leading = torch.tensor([sink and o == ROOT and p < first_module for o, p in zip(owner, pos)],
-                               dtype=torch.bool)
-        allowed = causal & (same | leading[None, :])
-    else:
-        visible = torch.tensor([[_union_visible(modules, q, k) for k in names] for q in names], dtype=torch.bool)
-        allowed = causal & visible[unit_idx][:, unit_idx]
-    units = {name: (unit_idx == i).nonzero().flatten() for i, name in enumerate(names)}
+    unit_idx = {name: [] for name in names}
+    for i, o in enumerate(owner):
+        unit_idx[o].append(i)
     return EncodePlan(layout.schema_name, policy, torch.tensor(ids, dtype=torch.long),
-                      torch.tensor(pos, dtype=torch.long), torch.tensor(repl, dtype=torch.bool),
-                      tuple(owner), units, allowed)
-
-
-def _union_visible(modules, q: str, k: str) -> bool:
-    """Under `schema`: may tokens owned by `q` see (earlier) tokens owned by `k`? Only unions forbid."""
-    q_chain = set(_chain(q))
-    for member in _chain(k):
-        union = modules[member].union
-        if union is None or member in q_chain:
-            continue
-        inside_union = any(modules[m].union == union for m in q_chain)
-        if inside_union or not modules[member].scaffold:
-            return False
-    return True
+                      torch.tensor(pos, dtype=torch.long), torch.tensor(repl, dtype=torch.bool), tuple(owner),
+                      {u: torch.tensor(i, dtype=torch.long) for u, i in unit_idx.items()},
+                      torch.tensor([number[g] for g in token_groups], dtype=torch.long), groups, visible)
 
 
 def context_digest(p: EncodePlan, unit: str) -> str:
     """Hash of what `unit` attended to: ids, positions and owners of the visible outside tokens.
 
-    Both policies' visibility is transitively closed (what a visible token saw is visible too), so
-    this names everything that influenced the unit's states besides its own tokens.
+    A policy's visibility is transitively closed for the built-in ones (what a visible token saw is
+    visible too), so this names everything that influenced the unit's states besides its own tokens.
     """
     seen = p.context(unit).nonzero().flatten().tolist()
-    h = hashlib.sha256(p.policy.encode())
+    h = hashlib.sha256(p.policy.spec.encode())
     h.update(np.asarray(p.token_ids[seen], dtype=np.int64).tobytes())
     h.update(np.asarray(p.positions[seen], dtype=np.int64).tobytes())
     h.update("\0".join(p.unit_of[i] for i in seen).encode())
     return h.hexdigest()
 
 
-def unit_key(p: EncodePlan, unit: str, lm, dtype: torch.dtype):
+def unit_key(p: EncodePlan, unit: str, lm, dtype: torch.dtype) -> EntryKey:
     """The store key of `unit`'s states for this model and storage dtype (memoized on the plan)."""
     memo = (unit, lm.fingerprint, lm.tokenizer.fingerprint, dtype)
     if memo not in p.key_memo:
@@ -147,12 +133,12 @@ def _unit_key(p: EncodePlan, unit: str, lm, dtype: torch.dtype):
         token_ids=p.token_ids[idx].tolist(),
         position_ids=p.positions[idx].tolist(),
         context=context_digest(p, unit),
-        policy=p.policy,
+        policy=p.policy.spec,
     )
 
 
 def encode_units(p: EncodePlan, lm, units: list[str], dtype: torch.dtype,
-                 progress: Callable[[int, int], None] | None = None) -> list[KVEntry]:
+                 progress: Progress | None = None) -> list[KVEntry]:
     """Compute the entries of `units`, running only their tokens and what they attend to.
 
     One forward over the needed tokens in sequence order, `CHUNK` tokens per call, each chunk over
@@ -165,13 +151,13 @@ def encode_units(p: EncodePlan, lm, units: list[str], dtype: torch.dtype,
         want[p.units[u]] = True
         want |= p.context(u)
     needed = want.nonzero().flatten()  # [M] indices into the plan, in sequence order
-    allowed = p.allowed[needed][:, needed]
     cache = adapter.new_cache()
     total = needed.numel()
     for lo in range(0, total, CHUNK):
         hi = min(lo + CHUNK, total)
         adapter.forward(lm.model, p.token_ids[needed[lo:hi]], p.positions[needed[lo:hi]], cache,
-                        p.positions[needed[:lo]], allowed=allowed[lo:hi, :hi], last_only=True)
+                        p.positions[needed[:lo]], allowed=p.allowed(needed[lo:hi], needed[:hi]),
+                        last_only=True)
         if progress is not None:
             progress(hi, total)
     keys, values = adapter.cache_kv(cache)
@@ -185,15 +171,15 @@ def encode_units(p: EncodePlan, lm, units: list[str], dtype: torch.dtype,
         v = tuple(layer[:, :, at].to(dtype).contiguous() for layer in values)
         entries.append(KVEntry.create(
             key=unit_key(p, u, lm, dtype), schema=p.schema, module=u, model=lm.name,
-            model_fingerprint=lm.fingerprint, policy=p.policy, keys=k, values=v,
+            model_fingerprint=lm.fingerprint, policy=p.policy.spec, keys=k, values=v,
             token_ids=p.token_ids[idx].clone(), positions=p.positions[idx].clone(),
             replaceable=p.replaceable[idx].clone()))
     return entries
 
 
-def ensure_encoded(p: EncodePlan, lm, store, dtype: torch.dtype, units: list[str] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, KVEntry]:
-    """Entries for `units` (default: all), from the store where present, encoded and stored otherwise."""
+def lookup(p: EncodePlan, lm, store, dtype: torch.dtype,
+           units: list[str] | None = None) -> tuple[dict[str, KVEntry], list[str]]:
+    """`(found, missing)`: stored entries of `units` (default: all), and the units not in the store."""
     found: dict[str, KVEntry] = {}
     missing = []
     for u in p.units if units is None else units:
@@ -202,10 +188,25 @@ def ensure_encoded(p: EncodePlan, lm, store, dtype: torch.dtype, units: list[str
             missing.append(u)
         else:
             found[u] = entry
-    if missing:
-        log.info("encoding %d module(s) of schema %r not in the store: %s", len(missing), p.schema,
-                 ", ".join(m or "(root text)" for m in missing))
-        for entry in encode_units(p, lm, missing, dtype, progress):
-            store.put(entry)
-            found[entry.meta.module] = entry
-    return found
+    return found, missing
+
+
+def encode_missing(p: EncodePlan, lm, store, dtype: torch.dtype, missing: list[str],
+                   progress: Progress | None = None) -> dict[str, KVEntry]:
+    """Encode `missing` units, put them into `store`, and return them by unit."""
+    if not missing:
+        return {}
+    log.info("encoding %d module(s) of schema %r not in the store: %s", len(missing), p.schema,
+             ", ".join(m or "(root text)" for m in missing))
+    out = {}
+    for entry in encode_units(p, lm, missing, dtype, progress):
+        store.put(entry)
+        out[entry.meta.module] = entry
+    return out
+
+
+def ensure_encoded(p: EncodePlan, lm, store, dtype: torch.dtype, units: list[str] | None = None,
+                   progress: Progress | None = None) -> dict[str, KVEntry]:
+    """Entries for `units` (default: all), from the store where present, encoded and stored otherwise."""
+    found, missing = lookup(p, lm, store, dtype, units)
+    return {**found, **encode_missing(p, lm, store, dtype, missing, progress)}

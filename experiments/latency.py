@@ -18,128 +18,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import json
 import shutil
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import outputs
+from experiments.common import (document_pool, module_tokens, piece_sizes, reset_store_dir,
+                                rotated, split_exact, summarize)
 from experiments.data import data_dir
+from experiments.workloads import prompt_xml, schema_xml
 from prompt_cache import DEFAULT_MODEL
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_MODULES = (1, 4, 16)
 MODES = ("full", "memory", "disk")
 QUESTION = "Summarize the main events described in the news articles above in a few sentences, naming the people and places involved."
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def document_pool(data: Path, tokenizer, n_tokens: int, source: str = "longbench/multi_news.jsonl") -> list[int]:
-    """Token ids of real text, at least `n_tokens` long: multi_news contexts, one after another."""
-    path = data / source
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass --data DIR (or set PML_DATA) to the shared data folder")
-    ids: list[int] = []
-    with path.open() as f:
-        for line in f:
-            # LongBench multi_news writes newlines as the literal word NEWLINE_CHAR.
-            text = json.loads(line)["context"].replace("NEWLINE_CHAR", "\n")
-            ids += tokenizer.encode(text.strip() + "\n\n")
-            if len(ids) >= n_tokens + 64:
-                return ids
-    raise ValueError(f"{path} holds only {len(ids)} tokens, fewer than the {n_tokens} asked for")
-
-
-def exact_text(tokenizer, ids: list[int], n: int) -> tuple[str, int]:
-    """Text that tokenizes to exactly `n` ids, read from the front of `ids`; also how many ids it used.
-
-    Decoding a cut and re-encoding it can merge or split tokens at the edges (and PML drops
-    leading blank lines and trailing newlines), so the cut is moved until the text, as PML will read
-    it, is `n` tokens again.
-    """
-    from pml.parser import normalize_text
-
-    def length(skip: int, m: int) -> tuple[str, int]:
-        text = normalize_text(tokenizer.decode(ids[skip:skip + m]))
-        return text, len(tokenizer.encode(text))
-
-    # A cut inside a merged token can make every cut one token off; starting a token or two later
-    # (real text either way) gets past it.
-    for skip in range(8):
-        m = n
-        for _ in range(8):  # usually exact at once, or after one step
-            text, got = length(skip, m)
-            if got == n:
-                return text, skip + m
-            m += n - got
-        for m in sorted(range(max(1, n - 16), n + 64), key=lambda m: abs(m - n)):  # split characters, whitespace runs
-            text, got = length(skip, m)
-            if got == n:
-                return text, skip + m
-    raise ValueError(f"could not cut the text to exactly {n} tokens (tokenizer {tokenizer.name})")
-
-
-def split_exact(tokenizer, pool: list[int], sizes: list[int]) -> list[str]:
-    """Consecutive pieces of the pool, piece i tokenizing to exactly `sizes[i]` ids."""
-    texts, at = [], 0
-    for size in sizes:
-        text, used = exact_text(tokenizer, pool[at:], size)
-        texts.append(text)
-        at += used
-    return texts
-
-
-def piece_sizes(length: int, modules: int) -> list[int]:
-    """`length` tokens split into `modules` nearly equal parts."""
-    q, r = divmod(length, modules)
-    return [q + (i < r) for i in range(modules)]
-
-
-def schema_xml(name: str, texts: list[str]) -> str:
-    """A schema with one module per text (`doc0`, `doc1`, ...)."""
-    from pml.builder import SchemaBuilder
-
-    b = SchemaBuilder(name)
-    for i, text in enumerate(texts):
-        b.module(f"doc{i}", text=text)
-    return b.to_xml()
-
-
-def prompt_xml(name: str, modules: int, question: str) -> str:
-    """A prompt that selects every module and asks `question` as user text."""
-    from pml.builder import PromptBuilder
-
-    p = PromptBuilder(name)
-    for i in range(modules):
-        p.use(f"doc{i}")
-    return p.user(question).to_xml()
-
-
-def module_tokens(layout) -> int:
-    """Tokens in the schema's modules (the cached document), from the layout."""
-    return sum(m.end - m.start for m in layout.modules.values())
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """Median, min and max of repeats."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def rotated(seq, r: int) -> list:
-    r %= len(seq)
-    return list(seq[r:]) + list(seq[:r])
-
-
-def reset_store_dir(path: Path) -> Path:
-    """An empty store folder (the experiment's own scratch: removed again at the end)."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -216,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         if module_tokens(layout) != point.length:
             raise RuntimeError(f"{point.tag}: the schema's modules hold {module_tokens(layout)} tokens, not {point.length}")
         pc_disk.add_schema(xml)
-        t = time.perf_counter()
+        clock = pc_mem.clock
+        t = clock.now()
         report = pc_mem.encode(name)
-        encode_ms = (time.perf_counter() - t) * 1e3
+        encode_ms = clock.ms_since(t)
         if not warmed:  # first calls pay one-off costs (allocator, kernels): keep them out of every timing
             pc_disk.store = open_store(store_dir, lm)
             for pc, use in ((pc_mem, False), (pc_mem, True), (pc_disk, True)):

@@ -20,17 +20,15 @@ import resource
 import shutil
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from attention_store.dtypes import STORAGE_DTYPES
 from experiments import outputs
 from experiments.data import data_dir
-from experiments.latency import (document_pool, exact_text, prompt_xml, reset_store_dir,
-                                 schema_xml)
+from experiments.common import document_pool, exact_text, reset_store_dir
+from experiments.workloads import prompt_xml, schema_xml
 
-DTYPES = ("fp32", "fp16", "bf16")
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 DOC_QUESTION = "What are the main events reported in these articles?"
 MIB = 2**20
@@ -39,7 +37,7 @@ MIB = 2**20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "--models", dest="models", default=",".join(DEFAULT_MODELS),
                         help="models, comma-separated: registry names, dirs or tiny:<arch> (default: %(default)s)")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="storage dtypes to measure (default: %(default)s)")
+    parser.add_argument("--dtypes", default=",".join(STORAGE_DTYPES), help="storage dtypes to measure (default: %(default)s)")
     parser.add_argument("--probe-tokens", type=int, default=512,
                         help="tokens of the document encoded per dtype for bytes/token (default: %(default)s)")
     parser.add_argument("--doc-tokens", type=int, default=2048,
@@ -67,8 +65,14 @@ def maxrss_bytes() -> int:
 
 
 @contextmanager
-def peak_rss(result: dict, interval_s: float = 0.005):
-    """Sample RSS in a thread while the block runs; fills result with before/peak/after bytes and ms."""
+def peak_rss(result: dict, clock=None, interval_s: float = 0.005):
+    """Sample RSS in a thread while the block runs; fills result with before/peak/after bytes and ms.
+
+    `clock` (a `prompt_cache.timing.Clock`, default the CPU's) times the block.
+    """
+    from prompt_cache.timing import Clock
+
+    clock = clock or Clock()
     before = rss_bytes()
     peak = [before]
     stop = threading.Event()
@@ -79,7 +83,7 @@ def peak_rss(result: dict, interval_s: float = 0.005):
             stop.wait(interval_s)
 
     thread = threading.Thread(target=sample, daemon=True)
-    t = time.perf_counter()
+    t = clock.now()
     thread.start()
     try:
         yield result
@@ -88,7 +92,7 @@ def peak_rss(result: dict, interval_s: float = 0.005):
         thread.join()
         after = rss_bytes()
         result.update(rss_before=before, rss_peak=max(peak[0], after), rss_after=after,
-                      ms=(time.perf_counter() - t) * 1e3)
+                      ms=clock.ms_since(t))
 
 
 def disk_bytes(store_dir: Path) -> int:
@@ -134,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from attention_store.adapter import kv_shape
+    from attention_store.dtypes import storage_dtype
     from attention_store.store import open_store
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
@@ -143,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     models = [m for m in str(args.models).split(",") if m.strip()][: args.limit]
     dtypes = [d for d in str(args.dtypes).split(",") if d.strip()]
     for d in dtypes:
-        if d not in DTYPE_BYTES:
-            raise SystemExit(f"unknown dtype {d!r}: choose from {', '.join(DTYPES)}")
+        if d not in STORAGE_DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}: choose from {', '.join(STORAGE_DTYPES)}")
     out = outputs.run_dir("memory", args.out)
     items = outputs.ItemLog(out / "items.jsonl")
     from prompt_cache.models import load_model
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
             pc.add_schema(schema_xml("probe", [probe]))
             rep = pc.encode("probe")
             items.add({"id": f"{model}|bpt|{d}", "table": "bytes_per_token", **base, "dtype": d,
-                       "computed_bytes_per_token": 2 * layers * kv_heads * head_dim * DTYPE_BYTES[d],
+                       "computed_bytes_per_token": 2 * layers * kv_heads * head_dim * storage_dtype(d).itemsize,
                        "measured_bytes_per_token": _num(rep.bytes / rep.tokens),
                        "disk_bytes_per_token": _num(disk_bytes(scratch) / rep.tokens),
                        "tokens": rep.tokens, "entries": rep.modules})
@@ -185,11 +190,11 @@ def run(args: argparse.Namespace) -> int:
             pc = PromptCache(lm, open_store(reset_store_dir(scratch), lm))
             pc.add_schema(xml)
             enc, cached, full = {}, {}, {}
-            with peak_rss(enc):
+            with peak_rss(enc, pc.clock):
                 rep = pc.encode(schema)
-            with peak_rss(cached):
+            with peak_rss(cached, pc.clock):
                 res_c = pc.answer(prompt, config=answer_cfg)
-            with peak_rss(full):
+            with peak_rss(full, pc.clock):
                 res_f = pc.answer(prompt, use_cache=False, config=answer_cfg)
             row = {"id": f"{model}|workload|{schema}", "table": "workload", **base, "workload": name,
                    "dtype": "fp32", "modules": rep.modules, "stored_tokens": rep.tokens,

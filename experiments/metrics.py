@@ -119,3 +119,9 @@ def score_item(metric: str, prediction: str, answers: Sequence[str], all_classes
 def task_score(scores: Sequence[float]) -> float:
     """Mean item score x 100 (NaN for no items)."""
     return 100.0 * sum(scores) / len(scores) if scores else float("nan")
+
+
+def mean_kl(base_lp, cached_lp) -> float:
+    """Mean over steps of KL(base || cached); rows are log-probabilities `[steps, vocab]` (torch)."""
+    kl = (base_lp.exp() * (base_lp - cached_lp)).sum(-1)
+    return float(kl.mean())

@@ -16,7 +16,6 @@ import argparse
 import logging
 import re
 import sys
-import time
 from pathlib import Path
 
 from experiments import metrics, outputs, workloads
@@ -63,15 +62,8 @@ def policies_identical(layout) -> bool:
     """Whether both policies give every module the same attention context (so identical states)."""
     from attention_store import encoder
 
-    a = encoder.plan(layout, "independent").allowed
-    b = encoder.plan(layout, "schema").allowed
-    return bool((a == b).all())
-
-
-def mean_kl(base_lp, cached_lp) -> float:
-    """Mean over steps of KL(base || cached); rows are log-probabilities [steps, vocab]."""
-    kl = (base_lp.exp() * (base_lp - cached_lp)).sum(-1)
-    return float(kl.mean())
+    a, b = encoder.plan(layout, "independent"), encoder.plan(layout, "schema")
+    return all(bool((a.context(u) == b.context(u)).all()) for u in a.units)
 
 
 class Runner:
@@ -97,19 +89,21 @@ class Runner:
             pc.schemas.clear()  # layouts and plans of finished items would pile up otherwise
         for row in self.store.entries():
             self.store.delete(row.meta.key)
-        t = time.perf_counter()
+        clock = next(iter(self.caches.values())).clock
+        t = clock.now()
         layouts = [pc.add_schema(item.schema) for pc in self.caches.values()]
         self.group = item.group
         self._identical = len(self.caches) > 1 and policies_identical(layouts[0])
         for i, pc in enumerate(self.caches.values()):
             if i == 0 or self.rerun_identical or not self._identical:
                 pc.encode(layouts[0].schema_name)
-        return self._identical, (time.perf_counter() - t) * 1e3
+        return self._identical, clock.ms_since(t)
 
     def run(self, item: workloads.Item, max_new_tokens: int) -> dict:
         from prompt_cache.generation import GenerationConfig
 
-        t0 = time.perf_counter()
+        clock = next(iter(self.caches.values())).clock
+        t0 = clock.now()
         identical, encode_ms = self._enter(item)
         cfg = GenerationConfig(max_new_tokens=max_new_tokens)
         first = next(iter(self.caches.values()))
@@ -142,9 +136,9 @@ class Runner:
                    "prompt_tokens": res.usage.prompt_tokens, "cached_tokens": res.usage.cached_tokens,
                    "finish_reason": res.finish_reason, "kl": None}
             if base_lp is not None:
-                out["kl"] = mean_kl(base_lp, pc.logprobs(item.prompt, forced, use_cache=True))
+                out["kl"] = metrics.mean_kl(base_lp, pc.logprobs(item.prompt, forced, use_cache=True))
             row[policy] = out
-        row["wall_s"] = time.perf_counter() - t0
+        row["wall_s"] = clock.now() - t0
         return row
 
 
@@ -202,7 +196,7 @@ def plot(path: Path, summary: list[dict], policies: list[str]) -> None:
 
 def _paper_rows(summary: list[dict], policies: list[str]) -> list[dict]:
     """Our tasks beside the authors' Llama-2-7B numbers (shared/reference/paper_results.md), if present."""
-    from paper_repro import reference
+    from experiments import paper_reference as reference
 
     try:
         paper = {r.task: r for r in reference.load() if r.model == "Llama-2-7B"}

@@ -18,7 +18,7 @@ import sys
 from tqdm import tqdm
 
 from experiments import data as D
-from experiments import outputs
+from experiments import metrics, outputs
 from experiments.workloads import load_items
 from prompt_cache import DEFAULT_MODEL
 
@@ -44,7 +44,7 @@ def run(args) -> int:
     log = outputs.ItemLog(out / "items.jsonl")
     items = [it for task in args.tasks.split(",") for it in
              load_items(task, root, lm.tokenizer, args.max_context_tokens, args.limit)]
-    variants = {"sink": True, "no_sink": False}
+    variants = {"sink": "independent", "no_sink": "independent:nosink"}
     for item in tqdm(items, desc="items", file=sys.stderr):
         if log.done(item.id):
             continue
@@ -56,16 +56,15 @@ def run(args) -> int:
         continuation = list(base.token_ids)
         if continuation:
             ref = base_pc.logprobs(item.prompt, continuation, use_cache=False)
-        for name, sink in variants.items():
-            pc = PromptCache(lm, sink=sink)
+        for name, policy in variants.items():
+            pc = PromptCache(lm, policy=policy)
             pc.add_schema(item.schema)
             got = pc.answer(item.prompt, config=config)
             row[f"{name}_identical"] = got.token_ids == base.token_ids
             row[f"{name}_first_token"] = got.token_ids[:1] == base.token_ids[:1]
             if continuation:
                 lp = pc.logprobs(item.prompt, continuation)
-                kl = (ref.exp() * (ref - lp)).sum(-1)  # KL(baseline || cached) per step
-                row[f"{name}_kl"] = float(kl.mean())
+                row[f"{name}_kl"] = metrics.mean_kl(ref, lp)
         log.add(row)
     rows = list(log.rows.values())
     summary = []

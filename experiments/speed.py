@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import statistics
-import time
 from pathlib import Path
 
 from experiments import outputs
 from experiments.data import data_dir
-from experiments.latency import (document_pool, exact_text, module_tokens, prompt_xml,
-                                 reset_store_dir, rotated, schema_xml)
+from experiments.common import document_pool, exact_text, module_tokens, reset_store_dir, rotated
+from experiments.workloads import prompt_xml, schema_xml
 from prompt_cache import DEFAULT_MODEL
 
 MODES = ("full", "memory", "forward", "disk")
@@ -74,18 +73,19 @@ def run(args: argparse.Namespace) -> int:
     layout = pc.add_schema(xml)
     pc_disk.add_schema(xml)
     assert module_tokens(layout) == args.context, f"module holds {module_tokens(layout)} tokens, not {args.context}"
-    t = time.perf_counter()
+    clock = pc.clock
+    t = clock.now()
     report = pc.encode("speed")
-    encode_ms = (time.perf_counter() - t) * 1e3
+    encode_ms = clock.ms_since(t)
     one = GenerationConfig(max_new_tokens=1)
     s, bound = pc.bind(prompt)
 
     def forward_ms() -> float:
         ready = pc.assemble(s, bound)  # outside the timer
-        t0 = time.perf_counter()
+        t0 = clock.now()
         generation.prefill(lm, ready.cache, ready.cache_positions, ready.fresh_ids, ready.fresh_positions,
                            ready.next_position)
-        return (time.perf_counter() - t0) * 1e3
+        return clock.ms_since(t0)
 
     def measure(mode: str) -> dict:
         if mode == "forward":
@@ -153,6 +153,7 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     from attention_store.store import open_store
     from attention_store.tiers import DiskTier
 
+    clock = pc.clock
     units = assembler.used_units(s.plan, bound)
     keys = [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units]
     disk = DiskTier(Path(store_dir) / "", verify_on_load=True)
@@ -162,7 +163,7 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     layers = [(layer.keys, layer.values) for layer in ready.cache.layers]
     fresh = ready.fresh_ids.numel()
     steps = {
-        "engine lookup of missing units (PromptCache._missing: unit_key + membership)": lambda: pc._missing(s, units),
+        "engine lookup (PromptCache.lookup: unit keys + store get, memory tier)": lambda: pc.lookup(s, bound),
         "unit_key for every used unit": lambda: [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units],
         "memory-tier get (all units)": lambda: [pc.store.get(k) for k in keys],
         "assembler.assemble": lambda: assembler.assemble(
@@ -177,9 +178,9 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     for name, fn in steps.items():
         times = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = clock.now()
             fn()
-            times.append((time.perf_counter() - t) * 1e3)
+            times.append(clock.ms_since(t))
         rows.append({"step": name, "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)})
     return rows
 

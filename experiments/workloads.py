@@ -335,3 +335,22 @@ def metric_name(task: str, root: Path) -> str:
         doc = D.load_leval(task_path(task, root), 1)
         return LEVAL_METRIC.get(doc[0].evaluation, ("rouge_l", 0))[0] if doc else "rouge_l"
     return TEMPLATES[task.split("/", 1)[1]].metric
+
+
+# --------------------------------------------------------------------------- synthetic document workloads
+
+
+def schema_xml(name: str, texts: list[str]) -> str:
+    """A schema with one module per text (`doc0`, `doc1`, ...)."""
+    b = SchemaBuilder(name)
+    for i, text in enumerate(texts):
+        b.module(f"doc{i}", text=text)
+    return b.to_xml()
+
+
+def prompt_xml(name: str, modules: int, question: str) -> str:
+    """A prompt that selects every module and asks `question` as user text."""
+    p = PromptBuilder(name)
+    for i in range(modules):
+        p.use(f"doc{i}")
+    return p.user(question).to_xml()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments import outputs
-from paper_repro import reference
+from experiments import paper_reference as reference
 from prompt_cache import DEFAULT_MODEL
 
 QUALITY_CMD = "pml bench quality --model smollm2-135m (see docs/RESULTS.md for the tasks and limits)"

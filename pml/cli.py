@@ -102,7 +102,9 @@ def _cmd_layout(args: argparse.Namespace) -> int:
         raise PMLError("expected a <schema> file, this is a <prompt>", file=args.schema)
     layout = compute_layout(doc, args.tokenizers.get(args.model))
     rows = [
-        {"path": s.path, "kind": s.kind, "start": s.start, "end": s.end, "tokens": len(s.token_ids)}
+        # A parameter row is named `MODULE:PARAM`, so two slots of one module can be told apart.
+        {"path": f"{s.path}:{s.name}" if s.kind == "parameter" else s.path, "kind": s.kind, "start": s.start,
+         "end": s.end, "tokens": len(s.token_ids)}
         for s in layout.segments
     ]
     if args.json:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
-from attention_store.policies import DEFAULT_POLICY, POLICIES
+from attention_store.policies import BUILTIN_SPECS, DEFAULT_POLICY, get_policy
+from pml.model import Prompt, Schema
 from prompt_cache import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,18 @@ def add_commands(sub) -> None:
 def _model_args(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (smollm2-135m, gemma3-270m) or model folder")
     p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
-    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(POLICIES),
-                   help="encoding context of modules (default: %(default)s, the paper's)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, type=_policy_spec, metavar="POLICY",
+                   help=f"encoding policy: {', '.join(BUILTIN_SPECS)} (default: %(default)s, the paper's)")
     p.add_argument("--dtype", default=DEFAULT_STORAGE_DTYPE, choices=list(STORAGE_DTYPES),
                    help="storage dtype of states (default: %(default)s)")
+
+
+def _policy_spec(spec: str) -> str:
+    """argparse type: a registered policy spec, checked when the arguments are parsed."""
+    try:
+        return get_policy(spec).spec
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _generation_args(p) -> None:
@@ -77,6 +86,20 @@ def _generation_args(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def read_pml(path: str | Path, kind: type):
+    """Parse a PML file (this layer reads files; the library takes text or parsed objects)."""
+    from pml.errors import PMLError
+    from pml.parser import parse_file
+
+    if not Path(path).exists():
+        raise PMLError("no such file", file=str(path))
+    doc = parse_file(path)
+    if not isinstance(doc, kind):
+        want, got = kind.__name__.lower(), type(doc).__name__.lower()
+        raise PMLError(f"expected a <{want}> file, this is a <{got}>", file=str(path))
+    return doc
 
 
 def _setup_logging() -> None:
@@ -145,7 +168,7 @@ def cmd_encode(args) -> int:
     from attention_store.adapter import kv_shape
 
     pc = _engine(args)
-    name = pc.add_schema(args.schema).schema_name
+    name = pc.add_schema(read_pml(args.schema, Schema)).schema_name
     t = time.perf_counter()
     report = pc.encode(name, progress=_progress(f"encoding {name}"))
     seconds = time.perf_counter() - t
@@ -227,9 +250,9 @@ def _print_piece(piece: str) -> None:
 def cmd_run(args) -> int:
     _setup_logging()
     pc = _engine(args)
-    pc.add_schema(args.schema)
+    pc.add_schema(read_pml(args.schema, Schema))
     on_text = _print_piece if args.stream and not args.json else None
-    result = pc.answer(Path(args.prompt), use_cache=not args.no_cache, config=_generation_config(args),
+    result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=_generation_config(args),
                        on_text=on_text)
     if args.json:
         print(json.dumps(result.to_json()))
@@ -259,7 +282,8 @@ def cmd_demo(args) -> int:
         print(f"pml demo: example schema not found at {schema} (run from a source checkout)", file=sys.stderr)
         return 2
     pc = _engine(args)
-    layout = pc.add_schema(schema)
+    layout = pc.add_schema(read_pml(schema, Schema))
+    prompt_doc = read_pml(prompt, Prompt)
     print(f"schema {layout.schema_name}: {len(layout.modules)} modules over {layout.length} reserved positions")
     report = pc.encode(layout.schema_name, progress=_progress("encoding"))
     print(f"stored {report.modules} entries, {report.tokens} tokens, {report.bytes / 2**20:.2f} MiB "
@@ -267,9 +291,9 @@ def cmd_demo(args) -> int:
     print(f"prompt ({prompt.name}):\n{prompt.read_text().strip()}\n")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     # The first forward of a process pays one-time kernel setup; keep it out of both timings.
-    pc.answer(prompt, use_cache=False, config=GenerationConfig(max_new_tokens=1))
+    pc.answer(prompt_doc, use_cache=False, config=GenerationConfig(max_new_tokens=1))
     for use_cache in (False, True):
-        r = pc.answer(prompt, use_cache=use_cache, config=config)
+        r = pc.answer(prompt_doc, use_cache=use_cache, config=config)
         label = "with the cache " if use_cache else "full prefill   "
         print(f"{label}| TTFT {r.timing.ttft_ms:7.1f} ms | prompt {r.usage.prompt_tokens} tokens, "
               f"{r.usage.cached_tokens} cached | {r.text.strip()!r}")

@@ -3,35 +3,39 @@
 Example:
     >>> from prompt_cache.engine import PromptCache
     >>> pc = PromptCache.load("smollm2-135m")                      # doctest: +SKIP
-    >>> pc.add_schema("examples/travel.pml")                       # doctest: +SKIP
+    >>> pc.add_schema(parse_file("examples/travel.pml"))          # doctest: +SKIP
     >>> r = pc.answer(open("examples/travel_prompt.pml").read())   # doctest: +SKIP
     >>> r.text, r.usage.cached_tokens, r.timing.ttft_ms            # doctest: +SKIP
 
-The phases (assemble, prefill, decode) are separate library calls; `answer` times around them and
-does no timing inside them.
+The phases (bind, lookup, encode_missing, assemble, prefill, decode) are separate calls; `answer`
+runs them once each, in that order, and times around them with `prompt_cache.timing.Clock`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from attention_store import encoder
-from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, storage_dtype as parse_storage_dtype
+from attention_store import adapter, encoder
+from attention_store.dtypes import DEFAULT_STORAGE_DTYPE
+from attention_store.dtypes import storage_dtype as parse_storage_dtype
+from attention_store.entry import KVEntry
+from attention_store.policies import DEFAULT_POLICY, EncodingPolicy, get_policy
 from attention_store.store import AttentionStore, open_store
 from attention_store.tiers import DEFAULT_MEMORY_BUDGET, MemoryTier
-from prompt_cache import assembler, generation
-from prompt_cache.generation import GenerationConfig
 from pml.errors import PMLError
-from pml.layout import compute_layout
+from pml.layout import Layout, compute_layout
+from pml.model import Prompt, Schema
 from pml.parser import parse_prompt, parse_schema
-from pml.prompt import bind_prompt
-from prompt_cache import DEFAULT_MODEL
+from pml.prompt import BoundPrompt, bind_prompt
+from prompt_cache import DEFAULT_MODEL, assembler, generation
+from prompt_cache.generation import GenerationConfig
+from prompt_cache.loaded import LoadedModel
+from prompt_cache.timing import Clock
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +69,11 @@ class Result:
 
 
 @dataclass
-class _Schema:
-    schema: object
-    layout: object
+class SchemaState:
+    """A schema added to a PromptCache: parsed, laid out for the tokenizer, planned for the policy."""
+
+    schema: Schema
+    layout: Layout
     plan: encoder.EncodePlan
 
 
@@ -84,18 +90,20 @@ class EncodeReport:
 
 
 class PromptCache:
-    """A model, its attention store and the schemas added to it."""
+    """A model, its attention store and the schemas added to it.
 
-    def __init__(self, lm, store: AttentionStore | None = None, policy: str = encoder.DEFAULT_POLICY,
-                 storage_dtype: str = DEFAULT_STORAGE_DTYPE, sink: bool = True):
-        if policy not in encoder.POLICIES:
-            raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(encoder.POLICIES)}")
+    Inputs are PML text or parsed objects (`pml.parser.parse_file` reads a file, resolving `src=`
+    paths against its folder); this class never opens a file.
+    """
+
+    def __init__(self, lm: LoadedModel, store: AttentionStore | None = None,
+                 policy: str | EncodingPolicy = DEFAULT_POLICY, storage_dtype: str = DEFAULT_STORAGE_DTYPE):
         self.lm = lm
         self.store = store if store is not None else AttentionStore(MemoryTier(DEFAULT_MEMORY_BUDGET), None)
-        self.policy = policy
-        self.sink = sink  # independent policy: modules also see the leading root text (see encoder.plan)
+        self.policy = get_policy(policy)
         self.storage_dtype = parse_storage_dtype(storage_dtype)
-        self.schemas: dict[str, _Schema] = {}
+        self.schemas: dict[str, SchemaState] = {}
+        self.clock = Clock(lm.model.device)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, store_dir: str | Path | None = None, **kwargs) -> "PromptCache":
@@ -106,21 +114,21 @@ class PromptCache:
         return cls(lm, open_store(store_dir, lm), **kwargs)
 
     # -- schemas -------------------------------------------------------------------------------
-    def add_schema(self, source: str | Path):
-        """Parse (file path or XML text), lay out and plan a schema; returns its Layout."""
-        schema = _parse(source, parse_schema)
+    def add_schema(self, source: str | bytes | Schema) -> Layout:
+        """Lay out and plan a schema (PML text or a parsed `Schema`); returns its Layout."""
+        schema = source if isinstance(source, Schema) else _parse_text(source, parse_schema)
         layout = compute_layout(schema, self.lm.tokenizer)
-        self.schemas[schema.name] = _Schema(schema, layout, encoder.plan(layout, self.policy, self.sink))
+        self.schemas[schema.name] = SchemaState(schema, layout, encoder.plan(layout, self.policy))
         return layout
 
-    def encode(self, schema: str, progress: Callable[[int, int], None] | None = None) -> EncodeReport:
+    def encode(self, schema: str, progress: encoder.Progress | None = None) -> EncodeReport:
         """Precompute every cacheable module of `schema` into the store (skipping stored ones)."""
         s = self._schema(schema)
-        missing = self._missing(s, list(s.plan.units))
-        entries = encoder.ensure_encoded(s.plan, self.lm, self.store, self.storage_dtype, progress=progress)
+        found, missing = encoder.lookup(s.plan, self.lm, self.store, self.storage_dtype)
+        found.update(encoder.encode_missing(s.plan, self.lm, self.store, self.storage_dtype, missing, progress))
         return EncodeReport(
-            modules=len(entries), tokens=sum(e.meta.tokens for e in entries.values()),
-            bytes=sum(e.meta.nbytes for e in entries.values()), encoded=len(missing))
+            modules=len(found), tokens=sum(e.meta.tokens for e in found.values()),
+            bytes=sum(e.meta.nbytes for e in found.values()), encoded=len(missing))
 
     def pin(self, schema: str) -> None:
         """Mark `schema` as hot: its entries stay in the memory tier whatever the LRU order."""
@@ -129,10 +137,10 @@ class PromptCache:
     def unpin(self, schema: str) -> None:
         self.store.unpin(schema)
 
-    # -- phases --------------------------------------------------------------------------------
-    def bind(self, prompt: str | Path):
-        """Parse a prompt and check it against its schema: (schema state, BoundPrompt)."""
-        p = _parse(prompt, parse_prompt)
+    # -- phases, in pipeline order -------------------------------------------------------------
+    def bind(self, prompt: str | bytes | Prompt) -> tuple[SchemaState, BoundPrompt]:
+        """Check a prompt (PML text or a parsed `Prompt`) against its schema: (schema state, BoundPrompt)."""
+        p = prompt if isinstance(prompt, Prompt) else _parse_text(prompt, parse_prompt)
         if p.schema not in self.schemas:
             known = ", ".join(sorted(self.schemas)) or "none"
             raise PMLError(f"prompt uses schema {p.schema!r}, which was not added (added: {known})",
@@ -146,40 +154,58 @@ class PromptCache:
                            line=getattr(p, "line", None), element="prompt")
         return s, bound
 
-    def assemble(self, s: _Schema, bound) -> assembler.Assembled:
-        """Store lookup (encoding what is missing) and copy into one cache."""
-        units = assembler.used_units(s.plan, bound)
-        entries = encoder.ensure_encoded(s.plan, self.lm, self.store, self.storage_dtype, units)
+    def lookup(self, s: SchemaState, bound: BoundPrompt) -> tuple[dict[str, KVEntry], list[str]]:
+        """Stored entries of the units this prompt reuses, and the units missing from the store."""
+        return encoder.lookup(s.plan, self.lm, self.store, self.storage_dtype, assembler.used_units(s.plan, bound))
+
+    def encode_missing(self, s: SchemaState, missing: list[str]) -> dict[str, KVEntry]:
+        """Encode units missing from the store (and store them)."""
+        return encoder.encode_missing(s.plan, self.lm, self.store, self.storage_dtype, missing)
+
+    def assemble(self, s: SchemaState, bound: BoundPrompt,
+                 entries: dict[str, KVEntry] | None = None) -> assembler.Assembled:
+        """Copy the prompt's stored states into one cache (looking them up, and encoding what is
+        missing, unless `entries` are given)."""
+        if entries is None:
+            entries, missing = self.lookup(s, bound)
+            entries.update(self.encode_missing(s, missing))
         return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.lm.model.device)
 
-    def baseline(self, s: _Schema, bound) -> assembler.Assembled:
+    def baseline(self, s: SchemaState, bound: BoundPrompt) -> assembler.Assembled:
         """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache."""
         ids = assembler.baseline_tokens(s.layout, bound)
-        return assembler.Assembled(encoder.adapter.new_cache(), torch.zeros(0, dtype=torch.long),
+        return assembler.Assembled(adapter.new_cache(), torch.zeros(0, dtype=torch.long),
                                    torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), len(ids))
 
+    def prefill(self, ready: assembler.Assembled) -> tuple[torch.Tensor, generation.DecodeState]:
+        """Compute the fresh tokens over the assembled cache: last-token logits and the decode state."""
+        return generation.prefill(self.lm, ready.cache, ready.cache_positions, ready.fresh_ids,
+                                  ready.fresh_positions, ready.next_position)
+
     # -- answering -----------------------------------------------------------------------------
-    def answer(self, prompt: str | Path, use_cache: bool = True, config: GenerationConfig = GenerationConfig(),
+    def answer(self, prompt: str | bytes | Prompt, use_cache: bool = True,
+               config: GenerationConfig = GenerationConfig(),
                on_text: Callable[[str], None] | None = None) -> Result:
-        """Generate for one prompt. `on_text` receives text pieces as they are decoded (streaming)."""
+        """Generate for one prompt, in one pass: bind, look up, encode what is missing, assemble,
+        prefill, decode. `on_text` receives text pieces as they are decoded (streaming)."""
         s, bound = self.bind(prompt)
+        clock = self.clock
         encode_ms = 0.0
-        t0 = time.perf_counter()
+        t0 = clock.now()
         if use_cache:
-            missing = self._missing(s, assembler.used_units(s.plan, bound))
+            entries, missing = self.lookup(s, bound)
             if missing:
-                t = time.perf_counter()
-                encoder.ensure_encoded(s.plan, self.lm, self.store, self.storage_dtype, missing)
-                encode_ms = (time.perf_counter() - t) * 1e3
-            ready = self.assemble(s, bound)
+                t = clock.now()
+                entries.update(self.encode_missing(s, missing))
+                encode_ms = clock.ms_since(t)
+            ready = self.assemble(s, bound, entries)
         else:
             ready = self.baseline(s, bound)
-        t1 = time.perf_counter()
-        logits, state = generation.prefill(self.lm, ready.cache, ready.cache_positions, ready.fresh_ids,
-                                           ready.fresh_positions, ready.next_position)
-        t2 = time.perf_counter()
+        t1 = clock.now()
+        logits, state = self.prefill(ready)
+        t2 = clock.now()
         tokens, text, reason, t_first = self._decode(state, logits, config, on_text)
-        t_end = time.perf_counter()
+        t_end = clock.now()
         decode_s = t_end - t_first
         timing = Timing(
             ttft_ms=(t_first - t0) * 1e3, cache_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3,
@@ -189,21 +215,19 @@ class PromptCache:
                       cached_tokens=ready.cached_tokens, completion_tokens=len(tokens))
         return Result(text, tuple(tokens), usage, timing, reason)
 
-    def answer_batch(self, prompts: Iterable[str | Path], use_cache: bool = True,
+    def answer_batch(self, prompts: Iterable[str | bytes | Prompt], use_cache: bool = True,
                      config: GenerationConfig = GenerationConfig()) -> list[Result]:
         """Answer prompts of one or more added schemas one after another, sharing the store."""
         return [self.answer(p, use_cache, config) for p in prompts]
 
-    def logprobs(self, prompt: str | Path, continuation: list[int], use_cache: bool = True) -> torch.Tensor:
+    def logprobs(self, prompt: str | bytes | Prompt, continuation: list[int], use_cache: bool = True) -> torch.Tensor:
         """Log-probabilities `[len(continuation), vocab]` of the next token along a forced continuation.
 
         Row i is the distribution that predicts `continuation[i]`. Used for fidelity measures (KL
         between cached and baseline distributions along the baseline's own answer).
         """
         s, bound = self.bind(prompt)
-        ready = self.assemble(s, bound) if use_cache else self.baseline(s, bound)
-        logits, state = generation.prefill(self.lm, ready.cache, ready.cache_positions, ready.fresh_ids,
-                                           ready.fresh_positions, ready.next_position)
+        logits, state = self.prefill(self.assemble(s, bound) if use_cache else self.baseline(s, bound))
         rows = [logits]
         for token in continuation[:-1]:
             rows.append(generation.decode_step(self.lm, state, token))
@@ -216,7 +240,7 @@ class PromptCache:
         text, sent, reason, t_first = "", "", "length", None
         for token in generation.decode(self.lm, state, logits, config):
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first = self.clock.now()
             tokens.append(token)
             new_text = tok.decode(tokens)
             cut = _first_stop(new_text, config.stop)
@@ -238,14 +262,10 @@ class PromptCache:
         if on_text is not None and text.startswith(sent) and len(text) > len(sent):
             on_text(text[len(sent):])  # the held-back tail, once no stop string followed
         if t_first is None:  # nothing generated: the first "token" was EOS or max_new_tokens == 0
-            t_first = time.perf_counter()
+            t_first = self.clock.now()
         return tokens, text, reason, t_first
 
-    def _missing(self, s: _Schema, units: list[str]) -> list[str]:
-        # A membership test, not a load: the load (and checksum) happens once, when states are used.
-        return [u for u in units if encoder.unit_key(s.plan, u, self.lm, self.storage_dtype) not in self.store]
-
-    def _schema(self, name: str) -> _Schema:
+    def _schema(self, name: str) -> SchemaState:
         if name not in self.schemas:
             raise PMLError(f"schema {name!r} was not added (added: {', '.join(sorted(self.schemas)) or 'none'})")
         return self.schemas[name]
@@ -264,11 +284,9 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(cuts) if cuts else None
 
 
-def _parse(source, parse):
-    """XML text, or a path to a file holding it."""
-    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("<")):
-        path = Path(source)
-        if not path.is_file():
-            raise PMLError("no such file", file=str(path))
-        return parse(path.read_bytes(), path=str(path))
+def _parse_text(source, parse):
+    """PML text (str or bytes). Paths are not read here: a server must never open a file a client names."""
+    if not isinstance(source, (str, bytes)):
+        raise TypeError(f"expected PML text or a parsed object, got {type(source).__name__} "
+                        "(read files with pml.parser.parse_file)")
     return parse(source)

@@ -40,7 +40,7 @@ def data():
 @pytest.fixture(scope="session")
 def paper_reference():
     """The paper's reference numbers file (`../shared/reference/paper_results.md`); skip without it."""
-    from paper_repro.reference import default_path
+    from experiments.paper_reference import default_path
 
     path = default_path()
     if not path.is_file():

@@ -1,4 +1,15 @@
-"""Encoding policies: what a cached unit attends to when it is encoded (placeholder, being built)."""
+"""Encoding policies, by name: `independent` (default), `independent:nosink`, `schema` (see base.py).
 
-POLICIES = ("independent", "schema")
+Importing this package registers the built-in policies; it imports numpy, not torch.
+"""
+
+from attention_store.policies import independent, schema  # noqa: F401  (registration)
+from attention_store.policies.base import (ROOT, EncodingPolicy, Group, get_policy, policy_names, register,
+                                           unregister)
+
 DEFAULT_POLICY = "independent"
+# Specs the command line offers by name (any registered `name[:arg]` is accepted).
+BUILTIN_SPECS = ("independent", "independent:nosink", "schema")
+
+__all__ = ["ROOT", "DEFAULT_POLICY", "BUILTIN_SPECS", "EncodingPolicy", "Group", "get_policy", "policy_names",
+           "register", "unregister"]

@@ -136,9 +136,9 @@ def test_unknown_policy_is_a_clear_error():
 def test_without_sink_a_module_equals_a_forward_over_itself_alone():
     lm = tiny_model("llama")
     layout = compute_layout(parse_schema(SCHEMA), lm.tokenizer)
-    (entry,) = encoder.encode_units(encoder.plan(layout, "independent", sink=False), lm, ["a"], torch.float32)
+    (entry,) = encoder.encode_units(encoder.plan(layout, "independent:nosink"), lm, ["a"], torch.float32)
     ids, pos = tokens_of(layout, {"a"})
     assert_entry_matches(entry, *reference_kv(lm, ids, pos, len(ids)))
     with_sink = encoder.plan(layout, "independent")
     assert encoder.unit_key(with_sink, "a", lm, torch.float32) != encoder.unit_key(
-        encoder.plan(layout, "independent", sink=False), "a", lm, torch.float32)
+        encoder.plan(layout, "independent:nosink"), "a", lm, torch.float32)

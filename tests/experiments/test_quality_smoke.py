@@ -75,11 +75,11 @@ def test_policies_identical_only_for_one_module_after_root_text():
 def test_summarize_and_kl():
     import torch
 
-    from experiments import quality
+    from experiments import metrics, quality
 
     lp = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1)
-    assert quality.mean_kl(lp, lp) == 0.0
-    assert quality.mean_kl(lp, torch.log_softmax(torch.zeros(1, 3), -1)) > 0
+    assert metrics.mean_kl(lp, lp) == 0.0
+    assert metrics.mean_kl(lp, torch.log_softmax(torch.zeros(1, 3), -1)) > 0
     rows = [{"truncated": True, "policies_identical": False, "baseline": {"score": 1.0, "ttft_ms": 10.0},
              "independent": {"score": 0.5, "identical": False, "first_token_same": True, "kl": 0.2, "ttft_ms": 1.0}},
             {"truncated": False, "policies_identical": False, "baseline": {"score": 0.0, "ttft_ms": 10.0},

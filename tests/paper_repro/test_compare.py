@@ -4,7 +4,8 @@ import csv
 
 import pytest
 
-from paper_repro import compare, reference
+from experiments import paper_reference as reference
+from paper_repro import compare
 
 
 def test_reference_table_parses_every_row(paper_reference):

@@ -93,7 +93,7 @@ def test_layout_table(run, examples):
     lines = out.splitlines()
     assert lines[0].split() == ["path", "kind", "start", "end", "tokens"]
     assert lines[1].split() == ["(root)", "text", "0", "1", "1"]  # BOS
-    assert any(ln.split()[:2] == ["trip-plan", "parameter"] for ln in lines)
+    assert any(ln.split()[:2] == ["trip-plan:duration", "parameter"] for ln in lines)
     assert lines[-1].startswith("schema travel: ")
 
 
@@ -108,6 +108,16 @@ def test_layout_json(run, examples, tok):
     assert dom["start"] == ovs["start"] and dom["tokens"] == 0
     param = next(r for r in rows if r["kind"] == "parameter")
     assert param["end"] - param["start"] == 4
+
+
+def test_layout_names_each_parameter(run, tmp_path):
+    # Two slots in one module: each row says which parameter it is (MODULE:PARAM).
+    schema = tmp_path / "two.pml"
+    schema.write_text('<schema name="two"><module name="m">From <parameter name="src" length="3"/> to '
+                      '<parameter name="dst" length="3"/>.</module></schema>')
+    code, out, _ = run("layout", schema, "--json")
+    assert code == 0
+    assert [r["path"] for r in json.loads(out) if r["kind"] == "parameter"] == ["m:src", "m:dst"]
 
 
 def test_layout_bad_input(run, bad_schema, examples):

@@ -204,7 +204,7 @@ def test_streaming_never_emits_text_a_stop_string_cuts(lm):
 
 
 def test_unknown_policy_or_storage_dtype_is_a_clear_error(lm):
-    with pytest.raises(ValueError, match="unknown policy 'joint'"):
+    with pytest.raises(ValueError, match="unknown encoding policy 'joint'"):
         PromptCache(lm, policy="joint")
     with pytest.raises(ValueError, match="unknown storage dtype 'fp8'.*fp32, fp16, bf16"):
         PromptCache(lm, storage_dtype="fp8")

@@ -65,8 +65,13 @@ def visible(layout, policy, q_owner, q_pos, k_owner, k_pos, first_module):
     return True
 
 
-def reference(lm, layout, bound, policy, extra=()):
-    """One forward over [schema tokens, fresh tokens] with the policy's mask; logits of fresh tokens."""
+def reference(lm, layout, bound, policy, extra=(), rule=None):
+    """One forward over [schema tokens, fresh tokens] with the policy's mask; logits of fresh tokens.
+
+    `rule(layout, q_owner, q_pos, k_owner, k_pos, first_module)` replaces the built-in definitions
+    (`visible`), for policies defined in tests.
+    """
+    rule = rule or (lambda layout, *args: visible(layout, policy, *args))
     mods = layout.modules
     seq = []  # (id, pos, owner, slot) of every cacheable schema token, in document order
     for seg in layout.segments:
@@ -98,7 +103,7 @@ def reference(lm, layout, bound, policy, extra=()):
     allowed = torch.zeros(n + f, n + f, dtype=torch.bool)
     for qi, (_, qp, qo, _) in enumerate(seq):
         for ki in range(qi + 1):
-            allowed[qi, ki] = visible(layout, policy, qo, qp, seq[ki][2], seq[ki][1], first_module)
+            allowed[qi, ki] = rule(layout, qo, qp, seq[ki][2], seq[ki][1], first_module)
     for ki, (_, _, owner, slot) in enumerate(seq):
         if owner in used and (slot is None or value_kept(owner, slot)):
             allowed[n:, ki] = True

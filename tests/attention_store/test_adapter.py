@@ -1,0 +1,65 @@
+"""The adapter on its own: masks from `allowed`, windows by position, caches that adopt tensors."""
+
+import pytest
+import torch
+
+from attention_store import adapter
+from prompt_cache.tiny import SLIDING_WINDOW, tiny_model
+
+
+def test_kv_shape_and_attention_spec_come_from_the_config():
+    lm = tiny_model("llama-gqa")
+    assert adapter.kv_shape(lm.model.config) == (2, 2, 16)  # layers, kv heads, head dim
+    assert adapter.attention_spec(lm.model.config) == adapter.AttentionSpec(window=None, layer_types=None)
+    spec = adapter.attention_spec(tiny_model("gemma3").model.config)
+    assert spec.window == SLIDING_WINDOW and "sliding_attention" in spec.layer_types
+
+
+def test_build_mask_is_additive_and_none_when_causal_is_right():
+    spec = adapter.AttentionSpec(window=None, layer_types=None)
+    pos = torch.arange(4)
+    assert adapter.build_mask(spec, None, pos, pos, torch.float32) is None
+    allowed = torch.tensor([[True, False], [True, True]])
+    mask = adapter.build_mask(spec, allowed, torch.arange(2), torch.arange(2), torch.float32)
+    assert mask.shape == (1, 1, 2, 2)
+    assert mask[0, 0, 1].eq(0).all() and mask[0, 0, 0, 1] == torch.finfo(torch.float32).min
+
+
+def test_sliding_window_is_applied_by_position_not_by_index():
+    # Keys at positions 0 and 20 (a gap) and a query at 21: the window of 8 hides position 0 on
+    # sliding layers even though it is only two cache slots back.
+    spec = adapter.AttentionSpec(window=8, layer_types=("sliding_attention", "full_attention"))
+    q_pos, k_pos = torch.tensor([21]), torch.tensor([0, 20, 21])
+    masks = adapter.build_mask(spec, torch.ones(1, 3, dtype=torch.bool), q_pos, k_pos, torch.float32)
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    assert masks["full_attention"].eq(0).all()
+    assert masks["sliding_attention"][0, 0, 0].tolist() == [torch.finfo(torch.float32).min, 0.0, 0.0]
+
+
+def test_new_cache_adopts_tensors_without_copying():
+    k = [torch.randn(1, 2, 3, 4) for _ in range(2)]
+    v = [torch.randn(1, 2, 3, 4) for _ in range(2)]
+    cache = adapter.new_cache(k, v)
+    keys, values = adapter.cache_kv(cache)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(keys + values, k + v))
+    assert cache.get_seq_length() == 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_forward_equals_the_models_own_forward(arch):
+    lm = tiny_model(arch)
+    ids = torch.arange(3, 30)
+    got = adapter.forward(lm.model, ids, torch.arange(len(ids)), adapter.new_cache(), None)
+    with torch.inference_mode():
+        want = lm.model(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    last = adapter.forward(lm.model, ids, torch.arange(len(ids)), adapter.new_cache(), None, last_only=True)
+    torch.testing.assert_close(last, want[-1:], atol=1e-5, rtol=0)
+
+
+def test_forward_refuses_positions_that_do_not_match_the_cache():
+    lm = tiny_model("llama")
+    cache = adapter.new_cache()
+    adapter.forward(lm.model, torch.arange(3, 8), torch.arange(5), cache, None)
+    with pytest.raises(AssertionError, match="cache holds 5 tokens but 4 cache positions"):
+        adapter.forward(lm.model, torch.tensor([9]), torch.tensor([5]), cache, torch.arange(4))
