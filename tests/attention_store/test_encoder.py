@@ -142,3 +142,21 @@ def test_without_sink_a_module_equals_a_forward_over_itself_alone():
     with_sink = encoder.plan(layout, "independent")
     assert encoder.unit_key(with_sink, "a", lm, torch.float32) != encoder.unit_key(
         encoder.plan(layout, "independent:nosink"), "a", lm, torch.float32)
+
+
+def test_planning_a_64k_token_schema_needs_little_memory():
+    # Dense N x N masks would take 4 GiB per mask at 65,536 tokens; the plan keeps visibility per
+    # group and builds mask rows per chunk.
+    import psutil
+
+    from prompt_cache.tiny import ByteTokenizer
+
+    body = "".join(f'<module name="m{i}">{"x" * 1020}</module>' for i in range(64))
+    layout = compute_layout(parse_schema(f'<schema name="big">{body}</schema>'), ByteTokenizer())
+    before = psutil.Process().memory_info().rss
+    for policy in ("independent", "schema"):
+        p = encoder.plan(layout, policy)
+        assert p.token_ids.numel() >= 65_000
+        rows = p.allowed(torch.arange(512), torch.arange(p.token_ids.numel()))  # one chunk's mask
+        assert rows.shape == (512, p.token_ids.numel())
+    assert psutil.Process().memory_info().rss - before < 512 * 2**20
