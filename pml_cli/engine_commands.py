@@ -60,6 +60,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
     p.add_argument("--store", help="store folder (default: a user cache folder)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    _threads_arg(p)
     p.set_defaults(func=_user_errors(cmd_demo))
 
 
@@ -70,6 +71,21 @@ def _model_args(p) -> None:
                    help=f"encoding policy: {', '.join(BUILTIN_SPECS)} (default: %(default)s, the paper's)")
     p.add_argument("--dtype", default=DEFAULT_STORAGE_DTYPE, choices=list(STORAGE_DTYPES),
                    help="storage dtype of states (default: %(default)s)")
+    _threads_arg(p)
+
+
+def _threads_arg(p) -> None:
+    p.add_argument("--threads", type=_threads, metavar="N",
+                   help="torch CPU threads (default: $PML_THREADS, else free cores by the load average)")
+
+
+def _threads(text: str) -> int:
+    from prompt_cache.threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _policy_spec(spec: str) -> str:
@@ -109,7 +125,9 @@ def _setup_logging() -> None:
 def _engine(args):
     from attention_store.store import open_store
     from prompt_cache.engine import PromptCache
+    from prompt_cache.threads import apply_threads
 
+    args.threads_used = apply_threads(getattr(args, "threads", None))
     lm = _load(args.model)
     return PromptCache(lm, open_store(args.store, lm), policy=getattr(args, "policy", DEFAULT_POLICY),
                        storage_dtype=getattr(args, "dtype", DEFAULT_STORAGE_DTYPE))
@@ -176,7 +194,7 @@ def cmd_encode(args) -> int:
     expected = 2 * layers * kv_heads * head_dim * pc.storage_dtype.itemsize
     out = {"schema": name, "modules": report.modules, "tokens": report.tokens, "bytes": report.bytes,
            "bytes_per_token": report.bytes_per_token, "expected_bytes_per_token": expected,
-           "encoded": report.encoded, "seconds": round(seconds, 3)}
+           "encoded": report.encoded, "seconds": round(seconds, 3), "threads": args.threads_used}
     if args.json:
         print(json.dumps(out))
     else:
@@ -255,7 +273,7 @@ def cmd_run(args) -> int:
     result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=_generation_config(args),
                        on_text=on_text)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "threads": args.threads_used}))
         return 0
     print("" if args.stream else result.text)
     u, t = result.usage, result.timing

@@ -7,8 +7,13 @@ This module sits above every package and imports torch only inside engine handle
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+# Idle OpenMP threads sleep instead of spinning on a core another process needs (see
+# prompt_cache.threads); this must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pml import cli as language_cli
 from pml.layout import Tokenizer

@@ -123,3 +123,12 @@ def test_a_model_folder_that_does_not_exist_is_one_line(files, capsys):
     code = main(["encode", str(files / "s.pml"), "--model", str(files / "no-model-here"), "--store", str(files / "st")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("pml: error: cannot load model") and "Traceback" not in err
+
+
+def test_threads_are_checked_at_parse_time_and_reported(files, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(files / "p.pml"), "--schema", str(files / "s.pml"), "--threads", "0"])
+    assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+    out = run_json(capsys, "run", str(files / "p.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+                   "--store", str(files / "store"), "--max-new-tokens", "2", "--threads", "1", "--json")
+    assert out["threads"] == 1
