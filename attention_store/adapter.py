@@ -139,3 +139,38 @@ def _to(mask, device):
     if isinstance(mask, dict):
         return {name: m.to(device) for name, m in mask.items()}
     return mask.to(device)
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers, in order (transformers keeps them at `get_decoder().layers`)."""
+    return list(model.get_decoder().layers)
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass after a given layer."""
+
+
+@torch.inference_mode()
+def forward_until(model, input_ids: torch.Tensor, positions: torch.Tensor, last_layer: int,
+                  allowed: torch.Tensor | None = None) -> DynamicCache:
+    """Run `input_ids` over an empty cache through decoder layers 0..`last_layer` only.
+
+    Returns the cache with those layers filled (`[1, kv_heads, q, head_dim]` each); the deeper
+    layers are never computed, so this costs `(last_layer + 1) / layers` of a full forward.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= last_layer < len(layers):
+        raise ValueError(f"layer {last_layer} out of range: the model has {len(layers)} decoder layers")
+
+    def stop(*_):
+        raise _Stop
+
+    cache = new_cache()
+    handle = layers[last_layer].register_forward_hook(stop)
+    try:
+        forward(model, input_ids, positions, cache, None, allowed=allowed, last_only=True)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return cache

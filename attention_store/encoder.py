@@ -109,7 +109,7 @@ def context_digest(p: EncodePlan, unit: str) -> str:
     visible too), so this names everything that influenced the unit's states besides its own tokens.
     """
     seen = p.context(unit).nonzero().flatten().tolist()
-    h = hashlib.sha256(p.policy.spec.encode())
+    h = hashlib.sha256(p.policy.key_spec.encode())
     h.update(np.asarray(p.token_ids[seen], dtype=np.int64).tobytes())
     h.update(np.asarray(p.positions[seen], dtype=np.int64).tobytes())
     h.update("\0".join(p.unit_of[i] for i in seen).encode())
@@ -133,7 +133,7 @@ def _unit_key(p: EncodePlan, unit: str, lm, dtype: torch.dtype):
         token_ids=p.token_ids[idx].tolist(),
         position_ids=p.positions[idx].tolist(),
         context=context_digest(p, unit),
-        policy=p.policy.spec,
+        policy=p.policy.key_spec,
     )
 
 
@@ -171,7 +171,7 @@ def encode_units(p: EncodePlan, lm, units: list[str], dtype: torch.dtype,
         v = tuple(layer[:, :, at].to(dtype).contiguous() for layer in values)
         entries.append(KVEntry.create(
             key=unit_key(p, u, lm, dtype), schema=p.schema, module=u, model=lm.name,
-            model_fingerprint=lm.fingerprint, policy=p.policy.spec, keys=k, values=v,
+            model_fingerprint=lm.fingerprint, policy=p.policy.key_spec, keys=k, values=v,
             token_ids=p.token_ids[idx].clone(), positions=p.positions[idx].clone(),
             replaceable=p.replaceable[idx].clone()))
     return entries

@@ -35,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "folder/* selects a whole folder; name:N limits that task to N items "
                         f"(default: {DEFAULT_TASKS})")
     p.add_argument("--limit", type=int, help="items per task without its own :N (default: all)")
-    p.add_argument("--policy", nargs="+", choices=POLICIES, default=list(POLICIES),
-                   help="encoding policies to compare with the baseline (default: both)")
+    p.add_argument("--policy", nargs="+", type=policy_spec, default=list(POLICIES), metavar="POLICY",
+                   help="encoding policies to compare with the baseline: independent, independent:nosink, schema, "
+                        "blend:R, link:K (default: independent schema)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="registry name (smollm2-135m, gemma3-270m), model folder, or tiny:<arch> for smoke tests")
     p.add_argument("--data", help="evaluation data folder (default: $PML_DATA or ../shared/data)")
@@ -58,12 +59,26 @@ def _slug(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_")
 
 
-def policies_identical(layout) -> bool:
-    """Whether both policies give every module the same attention context (so identical states)."""
-    from attention_store import encoder
+def policy_spec(spec: str) -> str:
+    """argparse type: a registered encoding policy spec."""
+    from attention_store.policies import get_policy
 
-    a, b = encoder.plan(layout, "independent"), encoder.plan(layout, "schema")
-    return all(bool((a.context(u) == b.context(u)).all()) for u in a.units)
+    try:
+        return get_policy(spec).spec
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def policies_identical(layout, policies: list[str]) -> bool:
+    """Whether every policy gives every module the same attention context and does nothing at
+    assembly (so identical states and answers)."""
+    from attention_store import encoder
+    from attention_store.policies import get_policy
+
+    if any(get_policy(p).needs_assembly for p in policies):
+        return False
+    plans = [encoder.plan(layout, p) for p in policies]
+    return all(bool((a.context(u) == plans[0].context(u)).all()) for a in plans[1:] for u in a.units)
 
 
 class Runner:
@@ -93,7 +108,7 @@ class Runner:
         t = clock.now()
         layouts = [pc.add_schema(item.schema) for pc in self.caches.values()]
         self.group = item.group
-        self._identical = len(self.caches) > 1 and policies_identical(layouts[0])
+        self._identical = len(self.caches) > 1 and policies_identical(layouts[0], list(self.caches))
         for i, pc in enumerate(self.caches.values()):
             if i == 0 or self.rerun_identical or not self._identical:
                 pc.encode(layouts[0].schema_name)
@@ -134,6 +149,7 @@ class Runner:
                    "first_token_same": res.token_ids[:1] == base.token_ids[:1],
                    "ttft_ms": res.timing.ttft_ms, "cache_ms": res.timing.cache_ms, "prefill_ms": res.timing.prefill_ms,
                    "prompt_tokens": res.usage.prompt_tokens, "cached_tokens": res.usage.cached_tokens,
+                   "recomputed_tokens": res.usage.recomputed_tokens, "recompute_ms": res.timing.recompute_ms,
                    "finish_reason": res.finish_reason, "kl": None}
             if base_lp is not None:
                 out["kl"] = metrics.mean_kl(base_lp, pc.logprobs(item.prompt, forced, use_cache=True))

@@ -49,6 +49,19 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object: text, usage, timing")
     p.set_defaults(func=_user_errors(cmd_run))
 
+    p = sub.add_parser("compare", help="one prompt under several policies against the full prefill")
+    p.add_argument("prompt", help="PML prompt file")
+    p.add_argument("--schema", required=True, help="the prompt's PML schema file")
+    p.add_argument("--policies", default="independent,schema,blend:0.15,link:16", type=_policy_list,
+                   help="comma-separated policy specs (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (smollm2-135m, gemma3-270m) or model folder")
+    p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--kl-tokens", type=int, default=32, help="KL along at most this many baseline answer tokens")
+    _threads_arg(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_user_errors(cmd_compare))
+
     # `bench` hands its arguments to experiments.cli, whose parsers import the experiment modules
     # (and torch): building them here would slow down every other `pml` command.
     p = sub.add_parser("bench", help="run an experiment: latency, memory, quality, sink (see docs/EXPERIMENTS.md)",
@@ -94,6 +107,14 @@ def _policy_spec(spec: str) -> str:
         return get_policy(spec).spec
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _policy_list(text: str) -> list[str]:
+    """argparse type: comma-separated policy specs, each checked."""
+    specs = [_policy_spec(t.strip()) for t in text.split(",") if t.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError("name at least one policy")
+    return list(dict.fromkeys(specs))
 
 
 def _generation_args(p) -> None:
@@ -281,6 +302,31 @@ def cmd_run(args) -> int:
           f"({u.cached_tokens} cached), {u.completion_tokens} generated; TTFT {t.ttft_ms:.1f} ms "
           f"(cache {t.cache_ms:.1f} + prefill {t.prefill_ms:.1f}), {t.decode_tokens_per_s:.1f} tok/s",
           file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    _setup_logging()
+    from attention_store.store import open_store
+    from experiments.recovery import compare_policies
+    from prompt_cache.threads import apply_threads
+
+    schema, prompt = read_pml(args.schema, Schema), read_pml(args.prompt, Prompt)
+    threads = apply_threads(args.threads)
+    lm = _load(args.model)
+    out = compare_policies(lm, open_store(args.store, lm), schema, prompt, args.policies, args.max_new_tokens,
+                           args.kl_tokens)
+    if args.json:
+        print(json.dumps({**out, "threads": threads}))
+        return 0
+    b = out["baseline"]
+    print(f"full prefill: TTFT {b['ttft_ms']:.1f} ms, {b['prompt_tokens']} prompt tokens: {b['text'].strip()!r}")
+    print(f"{'policy':20} {'TTFT ms':>9} {'recomputed':>12} {'first tok':>9} {'mean KL':>9} {'identical':>9}  answer")
+    for r in out["policies"]:
+        kl = "-" if r["mean_kl"] is None else f"{r['mean_kl']:.4f}"
+        print(f"{r['policy']:20} {r['ttft_ms']:9.1f} {r['recomputed_tokens']:6d} ({r['recomputed_%']:4.1f}%) "
+              f"{'yes' if r['first_token_same'] else 'no':>9} {kl:>9} {'yes' if r['identical'] else 'no':>9}  "
+              f"{r['text'].strip()[:60]!r}")
     return 0
 
 

@@ -31,6 +31,9 @@ class Assembled:
     fresh_ids: torch.Tensor  # [fresh] token ids to compute, in order
     fresh_positions: torch.Tensor  # [fresh] their position ids
     next_position: int  # where decoding continues
+    cache_ids: torch.Tensor | None = None  # [cached_tokens] token id of every cached state
+    cache_units: tuple[str, ...] = ()  # [cached_tokens] unit path each cached state came from
+    recomputed: torch.Tensor | None = None  # position ids of cached tokens recomputed at assembly (recovery)
 
     @property
     def cached_tokens(self) -> int:
@@ -98,11 +101,15 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
         cache = adapter.new_cache([layer("keys", i) for i in range(n_layers)],
                                   [layer("values", i) for i in range(n_layers)])
         cache_positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
+        cache_ids = torch.cat([e.token_ids[lo:hi] for e, lo, hi in pieces])
+        cache_units = tuple(u for e, lo, hi in pieces for u in [e.meta.module] * (hi - lo))
     else:
         cache, cache_positions = adapter.new_cache(), torch.zeros(0, dtype=torch.long)
+        cache_ids, cache_units = torch.zeros(0, dtype=torch.long), ()
     ids, pos = fresh_tokens(layout, bound)
     return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
-                     torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids))
+                     torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids),
+                     cache_ids.cpu(), cache_units)
 
 
 def _runs(keep: torch.Tensor) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ Example:
     >>> r = pc.answer(open("examples/travel_prompt.pml").read())   # doctest: +SKIP
     >>> r.text, r.usage.cached_tokens, r.timing.ttft_ms            # doctest: +SKIP
 
-The phases (bind, lookup, encode_missing, assemble, prefill, decode) are separate calls; `answer`
+The phases (bind, lookup, encode_missing, assemble, recover, prefill, decode) are separate calls; `answer`
 runs them once each, in that order, and times around them with `prompt_cache.timing.Clock`.
 """
 
@@ -32,7 +32,7 @@ from pml.layout import Layout, compute_layout
 from pml.model import Prompt, Schema
 from pml.parser import parse_prompt, parse_schema
 from pml.prompt import BoundPrompt, bind_prompt
-from prompt_cache import DEFAULT_MODEL, assembler, generation
+from prompt_cache import DEFAULT_MODEL, assembler, generation, recovery
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.loaded import LoadedModel
 from prompt_cache.timing import Clock
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int  # tokens of the prompt as the model sees it
-    cached_tokens: int  # of those, tokens whose states came from the store
+    cached_tokens: int  # of those, tokens whose states came from the store (and were not recomputed)
     completion_tokens: int  # generated tokens
+    recomputed_tokens: int = 0  # stored tokens recomputed at assembly by a recovery policy (blend, link)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Timing:
     prefill_ms: float  # forward pass over the fresh tokens
     decode_tokens_per_s: float  # generated tokens after the first, per second (0 if none)
     encode_ms: float = 0.0  # encoding modules missing from the store, on the fly (part of cache_ms)
+    recompute_ms: float = 0.0  # a recovery policy's recompute at assembly (part of cache_ms)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,10 @@ class PromptCache:
         return assembler.Assembled(adapter.new_cache(), torch.zeros(0, dtype=torch.long),
                                    torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), len(ids))
 
+    def recover(self, ready: assembler.Assembled) -> assembler.Assembled:
+        """A recovery policy's recompute of some cached tokens (`blend:R`, `link:K`); others: `ready`."""
+        return recovery.recompute(self.lm, ready, self.policy) if self.policy.needs_assembly else ready
+
     def prefill(self, ready: assembler.Assembled) -> tuple[torch.Tensor, generation.DecodeState]:
         """Compute the fresh tokens over the assembled cache: last-token logits and the decode state."""
         return generation.prefill(self.lm, ready.cache, ready.cache_positions, ready.fresh_ids,
@@ -199,8 +205,11 @@ class PromptCache:
                 entries.update(self.encode_missing(s, missing))
                 encode_ms = clock.ms_since(t)
             ready = self.assemble(s, bound, entries)
+            t = clock.now()
+            ready = self.recover(ready)
+            recompute_ms = clock.ms_since(t) if self.policy.needs_assembly else 0.0
         else:
-            ready = self.baseline(s, bound)
+            ready, recompute_ms = self.baseline(s, bound), 0.0
         t1 = clock.now()
         logits, state = self.prefill(ready)
         t2 = clock.now()
@@ -210,9 +219,11 @@ class PromptCache:
         timing = Timing(
             ttft_ms=(t_first - t0) * 1e3, cache_ms=(t1 - t0) * 1e3, prefill_ms=(t2 - t1) * 1e3,
             decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
-            encode_ms=encode_ms)
+            encode_ms=encode_ms, recompute_ms=recompute_ms)
+        recomputed = 0 if ready.recomputed is None else ready.recomputed.numel()
         usage = Usage(prompt_tokens=ready.cached_tokens + ready.fresh_ids.numel(),
-                      cached_tokens=ready.cached_tokens, completion_tokens=len(tokens))
+                      cached_tokens=ready.cached_tokens - recomputed, completion_tokens=len(tokens),
+                      recomputed_tokens=recomputed)
         return Result(text, tuple(tokens), usage, timing, reason)
 
     def answer_batch(self, prompts: Iterable[str | bytes | Prompt], use_cache: bool = True,
@@ -227,7 +238,7 @@ class PromptCache:
         between cached and baseline distributions along the baseline's own answer).
         """
         s, bound = self.bind(prompt)
-        logits, state = self.prefill(self.assemble(s, bound) if use_cache else self.baseline(s, bound))
+        logits, state = self.prefill(self.recover(self.assemble(s, bound)) if use_cache else self.baseline(s, bound))
         rows = [logits]
         for token in continuation[:-1]:
             rows.append(generation.decode_step(self.lm, state, token))

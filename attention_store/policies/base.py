@@ -21,9 +21,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = ""  # unit path of the schema's root-level text
 
@@ -34,6 +37,16 @@ class Group:
 
     unit: str  # unit path: ROOT for root text, else the module path `a/b/c`
     leading: bool = False  # root text before the first module (BOS included): the attention sink
+
+
+class RecomputeContext(Protocol):
+    """What a recovery policy may ask about an assembled prompt (the runtime provides it)."""
+
+    positions: "torch.Tensor"  # [n] position id of every cached token, in cache order
+    blocks: list[tuple[str, "torch.Tensor"]]  # (unit, cache indices) per run of one unit, by position
+
+    def deviation(self, layer: int) -> "torch.Tensor":
+        """[n] how far each cached token's values at `layer` are from a full-context forward's."""
 
 
 class EncodingPolicy(abc.ABC):
@@ -53,8 +66,24 @@ class EncodingPolicy(abc.ABC):
 
     @property
     def spec(self) -> str:
-        """Name and argument as the user writes it; part of every store key of this policy's states."""
+        """Name and argument as the user writes it."""
         return self.name
+
+    @property
+    def key_spec(self) -> str:
+        """What goes into store keys: the spec of the policy whose *stored states* this one uses.
+
+        A recovery policy that encodes like `independent` and only acts at assembly returns
+        "independent", so it shares those entries instead of storing the same bytes again.
+        """
+        return self.spec
+
+    def recompute_set(self, ctx: "RecomputeContext") -> "torch.Tensor":
+        """Indices into the assembled cache to recompute with attention to every earlier cached token.
+
+        Called only when `needs_assembly` is True.
+        """
+        raise NotImplementedError(f"policy {self.spec} does no work at assembly")
 
     @abc.abstractmethod
     def visible(self, groups: Sequence[Group], modules: Mapping[str, Any]) -> np.ndarray:

@@ -68,8 +68,10 @@ def test_policies_identical_only_for_one_module_after_root_text():
     one, _ = workloads.build_schema("one", "Read this.\n", ("a long document",))
     two, _ = workloads.build_schema("two", "Read these.\n", ("first passage", "second passage"))
     # expected: one module after root text sees the same under both policies; the second passage does not
-    assert quality.policies_identical(compute_layout(parse_schema(one), tok))
-    assert not quality.policies_identical(compute_layout(parse_schema(two), tok))
+    both = ["independent", "schema"]
+    assert quality.policies_identical(compute_layout(parse_schema(one), tok), both)
+    assert not quality.policies_identical(compute_layout(parse_schema(one), tok), ["independent", "blend:0.1"])
+    assert not quality.policies_identical(compute_layout(parse_schema(two), tok), both)
 
 
 def test_summarize_and_kl():

@@ -47,7 +47,7 @@ def test_run_json_shape_and_no_cache_baseline(files, capsys):
               "--store", str(files / "store"), "--max-new-tokens", "4", "--json"]
     cached = run_json(capsys, "run", *common)
     assert set(cached) >= {"text", "usage", "timing"}
-    assert set(cached["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens"}
+    assert set(cached["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens", "recomputed_tokens"}
     assert {"ttft_ms", "cache_ms", "prefill_ms", "decode_tokens_per_s"} <= set(cached["timing"])
     assert cached["usage"]["cached_tokens"] > 0
     base = run_json(capsys, "run", *common, "--no-cache")
@@ -132,3 +132,19 @@ def test_threads_are_checked_at_parse_time_and_reported(files, capsys):
     out = run_json(capsys, "run", str(files / "p.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
                    "--store", str(files / "store"), "--max-new-tokens", "2", "--threads", "1", "--json")
     assert out["threads"] == 1
+
+
+def test_compare_policies_json(files, capsys):
+    # every module in order, scaffolds kept: blend:1 recomputes the whole context with full attention,
+    # which is what the schema policy stored (the scaffold's slot leaves a gap, so not the baseline)
+    (files / "all.pml").write_text('<prompt schema="notes"><a/><b/>What do the notes say?</prompt>')
+    out = run_json(capsys, "compare", str(files / "all.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+                   "--store", str(files / "store"), "--max-new-tokens", "3", "--policies", "independent,blend:1,link:2,schema",
+                   "--json")
+    rows = {r["policy"]: r for r in out["policies"]}
+    assert list(rows) == ["independent", "blend:1", "link:2", "schema"]
+    assert rows["independent"]["recomputed_tokens"] == 0 and rows["blend:1"]["recomputed_%"] == 100.0
+    assert abs(rows["blend:1"]["mean_kl"] - rows["schema"]["mean_kl"]) < 1e-4
+    assert rows["blend:1"]["text"] == rows["schema"]["text"]
+    with pytest.raises(SystemExit):
+        main(["compare", str(files / "p.pml"), "--schema", str(files / "s.pml"), "--policies", "blend:7"])
