@@ -27,6 +27,7 @@ from attention_store.store import AttentionStore, open_store
 from attention_store.tiers import DEFAULT_MEMORY_BUDGET, MemoryTier
 from prompt_cache import assembler, generation
 from prompt_cache.generation import GenerationConfig
+from prompt_cache.models import layer_devices
 from pml.errors import PMLError
 from pml.layout import compute_layout
 from pml.parser import parse_prompt, parse_schema
@@ -96,6 +97,8 @@ class PromptCache:
         self.sink = sink  # independent policy: modules also see the leading root text (see encoder.plan)
         self.storage_dtype = parse_storage_dtype(storage_dtype)
         self.schemas: dict[str, _Schema] = {}
+        # Where each layer attends (several devices under a device map); assembly puts layer i's K/V there.
+        self.layer_devices = layer_devices(lm.model)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, store_dir: str | Path | None = None, **kwargs) -> "PromptCache":
@@ -150,7 +153,7 @@ class PromptCache:
         """Store lookup (encoding what is missing) and copy into one cache."""
         units = assembler.used_units(s.plan, bound)
         entries = encoder.ensure_encoded(s.plan, self.lm, self.store, self.storage_dtype, units)
-        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.lm.model.device)
+        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.layer_devices)
 
     def baseline(self, s: _Schema, bound) -> assembler.Assembled:
         """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache."""
