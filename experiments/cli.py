@@ -20,6 +20,18 @@ EXPERIMENTS = {
 }
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # as prompt_cache.models.DEVICE_MAPS
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """`--device` and `--device-map` for every command that loads a model (experiments and `pml`)."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps: the whole model on one device (default: cpu; "
+                                    "under `accelerate launch`, each process's own device)")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="split the model's layers across every visible GPU with accelerate (e.g. auto), "
+                        "for models too big for one; stored states are kept per layer on that layer's device")
+
+
 def _module(name: str):
     return importlib.import_module(f"experiments.{name}")
 
