@@ -15,6 +15,7 @@ from pathlib import Path
 
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from attention_store.policies import DEFAULT_POLICY, POLICIES
+from experiments.cli import add_device_arguments
 from prompt_cache import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
     p.add_argument("--store", help="store folder (default: a user cache folder)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    add_device_arguments(p)
     p.set_defaults(func=_user_errors(cmd_demo))
 
 
@@ -69,6 +71,7 @@ def _model_args(p) -> None:
                    help="encoding context of modules (default: %(default)s, the paper's)")
     p.add_argument("--dtype", default=DEFAULT_STORAGE_DTYPE, choices=list(STORAGE_DTYPES),
                    help="storage dtype of states (default: %(default)s)")
+    add_device_arguments(p)
 
 
 def _generation_args(p) -> None:
@@ -87,8 +90,13 @@ def _engine(args):
     from attention_store.store import open_store
     from prompt_cache.engine import PromptCache
 
-    lm = _load(args.model)
-    return PromptCache(lm, open_store(args.store, lm), policy=getattr(args, "policy", DEFAULT_POLICY),
+    from prompt_cache.models import layer_devices
+
+    lm = _load(args.model, device=args.device, device_map=args.device_map)
+    # Under a device map each layer's states stay on that layer's GPU (memory budget per device).
+    devices = layer_devices(lm.model) if args.device_map else None
+    return PromptCache(lm, open_store(args.store, lm, layer_devices=devices),
+                       policy=getattr(args, "policy", DEFAULT_POLICY),
                        storage_dtype=getattr(args, "dtype", DEFAULT_STORAGE_DTYPE))
 
 
@@ -96,11 +104,15 @@ class UserError(Exception):
     """Bad input to a model-side command: printed as `pml: error: MESSAGE`, exit 2."""
 
 
-def _load(name: str):
-    from prompt_cache.models import load_model
+def _load(name: str, device: str | None = None, device_map: str | None = None):
+    from prompt_cache.models import load_model, resolve_device
 
     try:
-        return load_model(name)
+        resolve_device(device, device_map)  # a device this machine lacks fails before any loading
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        return load_model(name, device=device, device_map=device_map)
     except KeyError as e:  # unknown model name: the message lists the built-in ones
         raise UserError(e.args[0]) from None
     except (RuntimeError, FileNotFoundError, OSError) as e:

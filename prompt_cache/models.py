@@ -321,7 +321,9 @@ def layer_devices(model: Any) -> list[torch.device]:
     the first GPU of the map when there is one); else the device of the layer's parameters.
     """
     device_map = getattr(model, "hf_device_map", None) or {}
-    gpus = [v for v in device_map.values() if v not in ("cpu", "disk")]
+    # accelerate runs offloaded ("cpu"/"disk") modules on the map's first accelerator; "meta" holds
+    # no data and runs nothing, so it is never that device.
+    gpus = [v for v in device_map.values() if v not in ("cpu", "disk", "meta")]
     main = _map_device(gpus[0]) if gpus else torch.device("cpu")
     out = []
     for name, layer in _decoder_layers(model):

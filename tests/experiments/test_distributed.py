@@ -135,3 +135,14 @@ def test_two_launched_processes_give_the_one_process_summary(tmp_path, data):
     assert len((two / task / "items.jsonl").read_text().splitlines()) == 4
     assert rows(one) == rows(two)
     assert "processes: 2" in (two / "report.md").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("experiment", ["quality", "latency", "sink"])
+def test_experiment_device_cuda_without_cuda_is_one_line_exit_2(experiment, data, tmp_path, capsys):
+    from experiments import cli
+
+    argv = [experiment, "--model", "tiny:llama", "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cuda"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA is not available" in err
