@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     from prompt_cache.models import describe_placement, layer_devices, load_model
 
     state = distributed.start(world)
-    lm = load_model(args.model, **distributed.placement(args, world, state))
+    lm = load_model(args.model, cli.model_dtype(args), **distributed.placement(args, world, state))
     # Under a device map the memory tier keeps each layer's states on that layer's device.
     devices = layer_devices(lm.model) if args.device_map else None
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")

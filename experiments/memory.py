@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         load: dict = {}
         with peak_rss(load):
-            lm = load_model(model, device=args.device, device_map=args.device_map)
+            lm = load_model(model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
         layers, kv_heads, head_dim = kv_shape(lm.model.config)
         scratch = out / "store-scratch"
         base = {"model": model, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,

@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice; on a busy machine 1 is often faster)")
     cli.add_device_arguments(p)
+    p.add_argument("--storage-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype of the stored module states (default: %(default)s; fp16 halves them on a GPU)")
     p.add_argument("--rerun-identical", action="store_true",
                    help="encode and answer every policy even where the policies' encoding masks are identical "
                         "(default: such items reuse the first policy's answer, marked `reused_from`)")
@@ -78,14 +80,15 @@ def mean_kl(base_lp, cached_lp) -> float:
 class Runner:
     """One PromptCache per policy over one model and one in-memory store, cleared between schemas."""
 
-    def __init__(self, lm, policies: list[str], kl_tokens: int, rerun_identical: bool = False):
+    def __init__(self, lm, policies: list[str], kl_tokens: int, rerun_identical: bool = False,
+                 storage_dtype: str = "fp32"):
         from prompt_cache.engine import PromptCache
         from attention_store.store import AttentionStore
         from attention_store.tiers import MemoryTier
 
         self.lm = lm
         self.store = AttentionStore(MemoryTier(STORE_BUDGET), None)
-        self.caches = {p: PromptCache(lm, self.store, policy=p) for p in policies}
+        self.caches = {p: PromptCache(lm, self.store, policy=p, storage_dtype=storage_dtype) for p in policies}
         self.kl_tokens = kl_tokens  # 0: no KL
         self.rerun_identical = rerun_identical
         self.group: str | None = None
@@ -300,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     from prompt_cache.models import describe_placement, load_model
 
     state = distributed.start(world)
-    lm = load_model(args.model, **distributed.placement(args, world, state))
+    lm = load_model(args.model, cli.model_dtype(args), **distributed.placement(args, world, state))
     root = outputs.run_dir(f"quality/{_slug(args.model)}", args.out)
     plan, work = [], []
     for task, limit in tasks:
@@ -320,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     where = f", process {world.rank} of {world.size}" if world.size > 1 else ""
     print(f"quality: {len(tasks)} tasks, {len(mine)} items ({len(mine) - todo} already done), "
           f"policies {', '.join(policies)}, model {lm.name}, output {root}{where}", file=sys.stderr)
-    runner = Runner(lm, policies, 0 if args.no_kl else args.kl_tokens, args.rerun_identical)
+    runner = Runner(lm, policies, 0 if args.no_kl else args.kl_tokens, args.rerun_identical, args.storage_dtype)
     with tqdm(total=todo, desc="quality" + (f" [{world.rank}]" if world.size > 1 else ""), unit="item",
               file=sys.stderr, position=world.rank) as bar:
         for task, item, log_ in mine:

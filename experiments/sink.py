@@ -39,7 +39,7 @@ def run(args) -> int:
     from prompt_cache.generation import GenerationConfig
     from prompt_cache.models import describe_placement, load_model
 
-    lm = load_model(args.model, device=args.device, device_map=args.device_map)
+    lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
     root = D.data_dir(args.data)
     out = outputs.run_dir(f"sink/{lm.name}", args.out)
     log = outputs.ItemLog(out / "items.jsonl")

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from prompt_cache.models import describe_placement, load_model
 
-    lm = load_model(args.model, device=args.device, device_map=args.device_map)
+    lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     text, _ = exact_text(lm.tokenizer, document_pool(data_dir(args.data), lm.tokenizer, args.context), args.context)
     store_dir = reset_store_dir(out / "store-scratch")

@@ -92,7 +92,7 @@ def _engine(args):
 
     from prompt_cache.models import layer_devices
 
-    lm = _load(args.model, device=args.device, device_map=args.device_map)
+    lm = _load(args.model, device=args.device, device_map=args.device_map, dtype=args.model_dtype)
     # Under a device map each layer's states stay on that layer's GPU (memory budget per device).
     devices = layer_devices(lm.model) if args.device_map else None
     return PromptCache(lm, open_store(args.store, lm, layer_devices=devices),
@@ -104,7 +104,8 @@ class UserError(Exception):
     """Bad input to a model-side command: printed as `pml: error: MESSAGE`, exit 2."""
 
 
-def _load(name: str, device: str | None = None, device_map: str | None = None):
+def _load(name: str, device: str | None = None, device_map: str | None = None, dtype: str = "fp32"):
+    from attention_store.dtypes import storage_dtype
     from prompt_cache.models import load_model, resolve_device
 
     try:
@@ -112,7 +113,7 @@ def _load(name: str, device: str | None = None, device_map: str | None = None):
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
-        return load_model(name, device=device, device_map=device_map)
+        return load_model(name, storage_dtype(dtype), device=device, device_map=device_map)
     except KeyError as e:  # unknown model name: the message lists the built-in ones
         raise UserError(e.args[0]) from None
     except (RuntimeError, FileNotFoundError, OSError) as e:
