@@ -166,9 +166,10 @@ def encode_units(p: EncodePlan, lm, units: list[str], dtype: torch.dtype,
     entries = []
     for u in units:
         idx = p.units[u]
-        at = where[idx].to(keys[0].device)
-        k = tuple(layer[:, :, at].to(dtype).contiguous() for layer in keys)
-        v = tuple(layer[:, :, at].to(dtype).contiguous() for layer in values)
+        at = where[idx]
+        # Index each layer on its own device: under a device map the layers live on several.
+        k = tuple(layer[:, :, at.to(layer.device)].to(dtype).contiguous() for layer in keys)
+        v = tuple(layer[:, :, at.to(layer.device)].to(dtype).contiguous() for layer in values)
         entries.append(KVEntry.create(
             key=unit_key(p, u, lm, dtype), schema=p.schema, module=u, model=lm.name,
             model_fingerprint=lm.fingerprint, policy=p.policy.key_spec, keys=k, values=v,

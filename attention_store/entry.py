@@ -103,11 +103,25 @@ class KVEntry:
     def to(self, device: torch.device | str) -> KVEntry:
         """This entry with its tensors on `device` (self if already there)."""
         device = torch.device(device)
-        if self.keys[0].device == device:
+        if all(t.device == device for t in (*self.keys, *self.values, self.token_ids)):
             return self
         move = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
         return KVEntry(self.meta, move(self.keys), move(self.values), self.token_ids.to(device),
                        self.positions.to(device), self.replaceable.to(device))
+
+    def to_layers(self, devices: Sequence[torch.device | str]) -> KVEntry:
+        """This entry with layer i's keys and values on `devices[i]` (token ids and positions stay put).
+
+        For a model split across devices: each layer's states sit where that layer attends.
+        """
+        devices = [torch.device(d) for d in devices]
+        if len(devices) != self.num_layers:
+            raise ValueError(f"{len(devices)} devices for an entry with {self.num_layers} layers")
+        if all(k.device == d for k, d in zip(self.keys, devices)):
+            return self
+        return KVEntry(self.meta, tuple(k.to(d) for k, d in zip(self.keys, devices)),
+                       tuple(v.to(d) for v, d in zip(self.values, devices)), self.token_ids,
+                       self.positions, self.replaceable)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor map as stored on disk: `k.{i}`, `v.{i}`, `token_ids`, `positions`, `replaceable`."""

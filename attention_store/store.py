@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,10 +41,15 @@ class AttentionStore:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str] | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                 device: torch.device | str = "cpu", verify_on_load: bool = True) -> AttentionStore:
-        """A store over disk dir `path` (default `cache_dir()/store`) with a memory tier of the given budget."""
+                 device: torch.device | str = "cpu", verify_on_load: bool = True,
+                 layer_devices: Sequence[torch.device | str] | None = None) -> AttentionStore:
+        """A store over disk dir `path` (default `cache_dir()/store`) with a memory tier of the given budget.
+
+        `layer_devices`: keep layer i's states on `layer_devices[i]`, the budget then counting per device
+        (see `MemoryTier`).
+        """
         root = Path(path) if path is not None else default_store_dir()
-        return cls(MemoryTier(memory_budget_bytes, device), DiskTier(root, verify_on_load))
+        return cls(MemoryTier(memory_budget_bytes, device, layer_devices), DiskTier(root, verify_on_load))
 
     def get(self, key: EntryKey) -> tuple[KVEntry, str] | tuple[None, None]:
         """`(entry, tier name)` from the first tier that has `key`, or `(None, None)`."""
@@ -94,13 +100,18 @@ class StoreMismatch(ValueError):
 OWNER_FILE = "owner.json"
 
 
-def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = None) -> AttentionStore:
+def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = None,
+               layer_devices: Sequence[torch.device | str] | None = None) -> AttentionStore:
     """A disk-backed store for `lm`: `path`, or a folder per model under the default store folder.
 
     A store folder belongs to one model: `owner.json` names its weights and tokenizer fingerprints,
     and opening it with another model is a `StoreMismatch` (entry keys would never be served across
     models anyway, since they include both fingerprints; this turns a silent full recompute into a
     clear error). The check writes nothing when it fails.
+
+    `layer_devices` (from `prompt_cache.models.layer_devices`, for a model split across devices)
+    keeps each layer's states on its layer's device, with `memory_budget_bytes` per device; without
+    it the memory tier sits on the model's first device and assembly moves each layer.
     """
     root = Path(path) if path is not None else default_store_dir() / re.sub(r"[^\w.-]+", "_", lm.name)
     owner = {"model": lm.name, "model_fingerprint": lm.fingerprint,
@@ -123,4 +134,5 @@ def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = No
     budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
     # The memory tier lives where the model does (GPU memory for a GPU model), so assembly is a copy
     # on that device.
-    return AttentionStore.from_dir(root, memory_budget_bytes=budget, device=lm.model.device)
+    return AttentionStore.from_dir(root, memory_budget_bytes=budget, device=lm.model.device,
+                                   layer_devices=layer_devices)

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -52,17 +53,25 @@ class Tier(abc.ABC):
 class MemoryTier(Tier):
     """Entries kept as tensors on `device`, least recently used evicted first to stay within `budget_bytes`.
 
+    With `layer_devices` (one device per layer, for a model split across GPUs) layer i's K/V is kept
+    on `layer_devices[i]`, where layer i attends, and `budget_bytes` is a budget *per device*: each
+    device counts the bytes of the layers it holds. Keeping states where they are used makes
+    assembly an on-device copy; one tier with a per-device count (rather than one tier per device)
+    keeps an entry whole, so a hit is never half on one GPU and missing on another.
+
     Entries of pinned schemas are never evicted; if they alone exceed the budget they are kept and a
-    warning is logged. An unpinned entry bigger than the whole budget is not kept.
+    warning is logged. An unpinned entry bigger than the whole budget (of some device) is not kept.
     """
 
     name = "memory"
 
-    def __init__(self, budget_bytes: int = DEFAULT_MEMORY_BUDGET, device: torch.device | str = "cpu"):
+    def __init__(self, budget_bytes: int = DEFAULT_MEMORY_BUDGET, device: torch.device | str = "cpu",
+                 layer_devices: Sequence[torch.device | str] | None = None):
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self.device = torch.device(device)
+        self.layer_devices = tuple(torch.device(d) for d in layer_devices) if layer_devices else None
         self._entries: OrderedDict[EntryKey, KVEntry] = OrderedDict()  # oldest use first
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
@@ -70,6 +79,22 @@ class MemoryTier(Tier):
     @property
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes held per device (`str(device)` -> bytes), the quantity each budget bounds."""
+        out: dict[str, int] = {}
+        for entry in self._entries.values():
+            for dev, n in _bytes_by_device(entry).items():
+                out[dev] = out.get(dev, 0) + n
+        return out
+
+    def _place(self, entry: KVEntry) -> KVEntry:
+        if self.layer_devices is None:
+            return entry.to(self.device)
+        if len(self.layer_devices) != entry.num_layers:
+            raise ValueError(f"memory tier has {len(self.layer_devices)} layer devices, entry "
+                             f"{entry.meta.key[:12]} has {entry.num_layers} layers")
+        return entry.to_layers(self.layer_devices)
 
     def pin(self, schema: str) -> None:
         """Never evict entries of `schema`."""
@@ -91,30 +116,46 @@ class MemoryTier(Tier):
 
     def put(self, entry: KVEntry) -> None:
         pinned = entry.meta.schema in self._pinned
-        if entry.nbytes > self.budget_bytes and not pinned:
-            log.info("memory tier: entry %s (%s/%s, %d bytes) is bigger than the whole budget (%d bytes); not kept",
-                     entry.meta.key[:12], entry.meta.schema, entry.meta.module, entry.nbytes, self.budget_bytes)
+        entry = self._place(entry) if pinned or self._fits(entry) else None
+        if entry is None:
             return
-        entry = entry.to(self.device)
         with self._lock:
             self._entries[entry.meta.key] = entry
             self._entries.move_to_end(entry.meta.key)
             self._evict()
 
+    def _fits(self, entry: KVEntry) -> bool:
+        """Whether `entry`, placed, would fit each device's budget on its own."""
+        if self.layer_devices is None:
+            share = {str(self.device): entry.nbytes}
+        else:
+            share = {}
+            for dev, k, v in zip(self.layer_devices, entry.keys, entry.values):
+                share[str(dev)] = share.get(str(dev), 0) + k.numel() * k.element_size() + v.numel() * v.element_size()
+        if max(share.values()) <= self.budget_bytes:
+            return True
+        log.info("memory tier: entry %s (%s/%s, %d bytes) is bigger than the whole budget (%d bytes per device); "
+                 "not kept", entry.meta.key[:12], entry.meta.schema, entry.meta.module, entry.nbytes, self.budget_bytes)
+        return False
+
     def _evict(self) -> None:
-        total = self.total_bytes
+        used = self.device_bytes()
         for key in list(self._entries):
-            if total <= self.budget_bytes:
+            over = {d for d, n in used.items() if n > self.budget_bytes}
+            if not over:
                 return
             entry = self._entries[key]
-            if entry.meta.schema in self._pinned:
-                continue
+            share = _bytes_by_device(entry)
+            if entry.meta.schema in self._pinned or not over & share.keys():
+                continue  # pinned, or frees nothing on a device that is over budget
             del self._entries[key]
-            total -= entry.nbytes
+            for d, n in share.items():
+                used[d] -= n
             log.debug("memory tier: evicted %s (%s/%s)", key[:12], entry.meta.schema, entry.meta.module)
-        if total > self.budget_bytes:
-            log.warning("memory tier: pinned entries alone take %d bytes, over the %d byte budget; keeping them",
-                        total, self.budget_bytes)
+        over = {d: n for d, n in used.items() if n > self.budget_bytes}
+        if over:
+            log.warning("memory tier: pinned entries alone take %s bytes, over the %d byte budget; keeping them",
+                        ", ".join(f"{n} on {d}" for d, n in sorted(over.items())), self.budget_bytes)
 
     def delete(self, key: EntryKey) -> bool:
         with self._lock:
@@ -134,6 +175,14 @@ class MemoryTier(Tier):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _bytes_by_device(entry: KVEntry) -> dict[str, int]:
+    """Bytes of an entry's keys + values per device they sit on."""
+    out: dict[str, int] = {}
+    for t in (*entry.keys, *entry.values):
+        out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+    return out
 
 
 class DiskTier(Tier):

@@ -21,6 +21,27 @@ EXPERIMENTS = {
 }
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # as prompt_cache.models.DEVICE_MAPS
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """`--device` and `--device-map` for every command that loads a model (experiments and `pml`)."""
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps: the whole model on one device (default: cpu; "
+                                    "under `accelerate launch`, each process's own device)")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="split the model's layers across every visible GPU with accelerate (e.g. auto), "
+                        "for models too big for one; stored states are kept per layer on that layer's device")
+    p.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype the weights are loaded in (default: %(default)s; fp16 or bf16 on a GPU)")
+
+
+def model_dtype(args: argparse.Namespace):
+    """The torch dtype of `--model-dtype` (fp32 when the parser has no such option)."""
+    from attention_store.dtypes import storage_dtype
+
+    return storage_dtype(getattr(args, "model_dtype", "fp32"))
+
+
 def _module(name: str):
     return importlib.import_module(f"experiments.{name}")
 

@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments import outputs
+from experiments import cli, distributed, outputs
 from experiments.common import (document_pool, module_tokens, piece_sizes, reset_store_dir,
                                 rotated, split_exact, summarize)
 from experiments.data import data_dir
@@ -63,9 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each other whenever another process holds a core; 0 = torch's default)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/latency/<model>)")
+    cli.add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or one of several under `accelerate launch`: each takes a share of the (L, K) points."""
     import torch
     from tqdm import tqdm
 
@@ -81,23 +83,32 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--repeats must be >= 1")
     model_tag = args.model.replace(":", "-").replace("/", "_")
     out = outputs.run_dir(f"latency/{model_tag}", args.out)
-    items = outputs.ItemLog(out / "items.jsonl")
-    points = [Point(L, K) for L in lengths for K in counts if K <= L]
+    world = distributed.world()
+    merged = out / "items.jsonl"
+    own = distributed.shard_path(merged, world)
+    items = outputs.ItemLog(own, also_read=[p for p in [merged, *distributed.shard_files(merged)] if p != own])
+    # Split the full point list (not what is left), so every process computes the same split.
+    points = distributed.share([Point(L, K) for L in lengths for K in counts if K <= L], world)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from prompt_cache.models import load_model
+    from prompt_cache.models import describe_placement, layer_devices, load_model
 
-    lm = load_model(args.model)
+    state = distributed.start(world)
+    lm = load_model(args.model, cli.model_dtype(args), **distributed.placement(args, world, state))
+    # Under a device map the memory tier keeps each layer's states on that layer's device.
+    devices = layer_devices(lm.model) if args.device_map else None
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     pool = document_pool(data_dir(args.data), lm.tokenizer, max(lengths))
-    store_dir = reset_store_dir(out / "store-scratch")
+    # One scratch store per process: the disk mode must read only its own process's files.
+    store_dir = reset_store_dir(out / ("store-scratch" if world.size == 1 else f"store-scratch-rank{world.rank}"))
     timed = GenerationConfig(max_new_tokens=args.new_tokens, eos_ids=())  # no EOS: always N tokens
-    pc_mem = PromptCache(lm, open_store(store_dir, lm))
-    pc_disk = PromptCache(lm, open_store(store_dir, lm))
+    pc_mem = PromptCache(lm, open_store(store_dir, lm, layer_devices=devices))
+    pc_disk = PromptCache(lm, open_store(store_dir, lm, layer_devices=devices))
 
     todo = [(p, r) for p in points for r in range(args.repeats) if not items.done(f"{p.tag}-r{r}")]
-    bar = tqdm(total=len(todo), desc=f"latency {args.model}", unit="repeat")
+    bar = tqdm(total=len(todo), desc=f"latency {args.model}" + (f" [{world.rank}]" if world.size > 1 else ""),
+               unit="repeat", position=world.rank)
     warmed = False
     for point in points:
         reps = [r for r in range(args.repeats) if not items.done(f"{point.tag}-r{r}")]
@@ -115,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         report = pc_mem.encode(name)
         encode_ms = clock.ms_since(t)
         if not warmed:  # first calls pay one-off costs (allocator, kernels): keep them out of every timing
-            pc_disk.store = open_store(store_dir, lm)
+            pc_disk.store = open_store(store_dir, lm, layer_devices=devices)
             for pc, use in ((pc_mem, False), (pc_mem, True), (pc_disk, True)):
                 pc.answer(prompt, use_cache=use, config=timed)
             warmed = True
@@ -126,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                    "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
             for mode in rotated(MODES, r):
                 if mode == "disk":
-                    pc_disk.store = open_store(store_dir, lm)  # fresh memory tier: states come from files
+                    pc_disk.store = open_store(store_dir, lm, layer_devices=devices)  # fresh memory tier: states come from files
                     assert len(pc_disk.store.memory) == 0
                 pc = pc_disk if mode == "disk" else pc_mem
                 res = pc.answer(prompt, use_cache=mode != "full", config=timed)
@@ -143,12 +154,20 @@ def run(args: argparse.Namespace) -> int:
             pc_mem.store.delete(row.meta.key)
     bar.close()
     shutil.rmtree(store_dir, ignore_errors=True)
+    distributed.barrier(state)
+    if not world.is_main:
+        return 0
 
+    distributed.merge_shards(merged)
+    items = outputs.ItemLog(merged)
     rows = [r for r in items.rows.values() if r["model"] == args.model]
     summary = summary_rows(rows)
+    placement = describe_placement(lm.model)
+    for row in summary:  # where it ran, at the end so the timing columns keep their places
+        row.update(placement=placement, world_size=world.size)
     outputs.write_csv(out / "summary.csv", summary)
     plot = plot_ttft(out / "ttft_vs_length.png", summary, rows, args.model)
-    write_report(out, summary, args.model, dtype, plot)
+    write_report(out, summary, args.model, dtype, plot, placement, world)
     print(f"latency: {len(rows)} repeats -> {out}/summary.csv, {plot.name}, report.md")
     return 0
 
@@ -199,13 +218,14 @@ def plot_ttft(path: Path, summary: list[dict], rows: list[dict], model: str) -> 
                      title=f"Time to first token, {model} (median, min-max bars)", logx=True, logy=True)
 
 
-def write_report(out: Path, summary: list[dict], model: str, dtype: str, plot: Path) -> None:
+def write_report(out: Path, summary: list[dict], model: str, dtype: str, plot: Path, placement: str | None = None,
+                 world: distributed.World = distributed.World()) -> None:
     cols = ["length", "modules", "mode", "repeats", "ttft_ms_median", "ttft_ms_min", "ttft_ms_max",
             "cache_ms_median", "prefill_ms_median", "decode_tok_s_median", "speedup"]
     enc = sorted({(r["length"], r["modules"], r["encode_ms"]) for r in summary if r["mode"] == "memory"})
     enc_rows = [{"length": L, "modules": K, "encode_ms": e} for L, K, e in enc]
     outputs.write_report(out / "report.md", "Latency: TTFT with the attention store vs full prefill",
-                         model=model, dtype=dtype, sections=[
+                         model=model, dtype=dtype, placement=placement, processes=world.describe(), sections=[
         ("TTFT", f"![TTFT vs context length]({plot.name})\n\nTimes in ms (median, min, max over repeats); "
                  "`cache` = store lookup + copy into one cache, `prefill` = forward over the fresh tokens, "
                  "`speedup` = median full-prefill TTFT / median TTFT of the row. Modes ran interleaved, "

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from attention_store.dtypes import STORAGE_DTYPES
-from experiments import outputs
+from experiments import cli, outputs
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, reset_store_dir
 from experiments.workloads import prompt_xml, schema_xml
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/memory)")
+    cli.add_device_arguments(parser)
 
 
 # --------------------------------------------------------------------------- measuring memory
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         load: dict = {}
         with peak_rss(load):
-            lm = load_model(model)
+            lm = load_model(model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
         layers, kv_heads, head_dim = kv_shape(lm.model.config)
         scratch = out / "store-scratch"
         base = {"model": model, "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,

@@ -28,13 +28,19 @@ def run_dir(name: str, out: str | os.PathLike | None = None) -> Path:
 
 
 class ItemLog:
-    """Append-only JSON lines keyed by an item id; `done(id)` tells what an earlier run finished."""
+    """Append-only JSON lines keyed by an item id; `done(id)` tells what an earlier run finished.
 
-    def __init__(self, path: Path):
+    `also_read`: more files whose rows count as done (other processes' shards of a data-parallel
+    run, see experiments/distributed.py); rows are only ever appended to `path`.
+    """
+
+    def __init__(self, path: Path, also_read: Iterable[Path] = ()):
         self.path = path
         self.rows: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
+        for p in [*also_read, path]:
+            if not p.is_file():
+                continue
+            for line in p.read_text().splitlines():
                 try:
                     row = json.loads(line)
                 except ValueError:
@@ -81,12 +87,18 @@ def command() -> str:
     """The command line of this run, as a user would type it again."""
     argv = list(sys.argv)
     script = Path(argv[0])
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # one of several processes started by a launcher
+        prefix = ["accelerate", "launch", "--num_processes", os.environ["WORLD_SIZE"]]
+    else:
+        prefix = []
     if script.name == "__main__.py":  # python -m PACKAGE
         argv[0:1] = ["python", "-m", script.parent.name]
     elif script.parent.name == "experiments":  # python -m experiments.MODULE
         argv[0:1] = ["python", "-m", f"experiments.{script.stem}"]
     else:
         argv[0] = script.name
+    if prefix and argv[0] == "python":
+        argv = prefix + argv[1:]  # `accelerate launch ... -m experiments ...`
     return shlex.join(argv)
 
 
@@ -100,11 +112,20 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(path: Path, title: str, *, model: str, dtype: str, sections: list[tuple[str, str]]) -> None:
-    """A Markdown report: what was run, where, when, then the given (heading, body) sections."""
+def write_report(path: Path, title: str, *, model: str, dtype: str, sections: list[tuple[str, str]],
+                 placement: str | None = None, processes: str | None = None) -> None:
+    """A Markdown report: what was run, where, when, then the given (heading, body) sections.
+
+    `placement`: the model's device or device map (`prompt_cache.models.describe_placement`);
+    `processes`: the world size (`experiments.distributed.World.describe`).
+    """
     head = [f"# {title}", "",
             f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- model: {model} ({dtype})", f"- machine: {machine()}",
-            f"- command: `{command()}`", "", ""]
+            f"- model: {model} ({dtype})", f"- machine: {machine()}"]
+    if placement is not None:
+        head.append(f"- placement: {placement}")
+    if processes is not None:
+        head.append(f"- processes: {processes}")
+    head += [f"- command: `{command()}`", "", ""]
     body = [f"## {h}\n\n{b}" for h, b in sections]
     path.write_text("\n".join(head) + "\n".join(body))

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from experiments import metrics, outputs, workloads
+from experiments import cli, distributed, metrics, outputs, workloads
 from experiments.data import data_dir
 from prompt_cache import DEFAULT_MODEL
 
@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KL over at most the first N tokens of the baseline answer (default 32; bounds CPU time)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice; on a busy machine 1 is often faster)")
+    cli.add_device_arguments(p)
+    p.add_argument("--storage-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype of the stored module states (default: %(default)s; fp16 halves them on a GPU)")
     p.add_argument("--rerun-identical", action="store_true",
                    help="encode and answer every policy even where the policies' encoding masks are identical "
                         "(default: such items reuse the first policy's answer, marked `reused_from`)")
@@ -84,14 +87,15 @@ def policies_identical(layout, policies: list[str]) -> bool:
 class Runner:
     """One PromptCache per policy over one model and one in-memory store, cleared between schemas."""
 
-    def __init__(self, lm, policies: list[str], kl_tokens: int, rerun_identical: bool = False):
+    def __init__(self, lm, policies: list[str], kl_tokens: int, rerun_identical: bool = False,
+                 storage_dtype: str = "fp32"):
         from prompt_cache.engine import PromptCache
         from attention_store.store import AttentionStore
         from attention_store.tiers import MemoryTier
 
         self.lm = lm
         self.store = AttentionStore(MemoryTier(STORE_BUDGET), None)
-        self.caches = {p: PromptCache(lm, self.store, policy=p) for p in policies}
+        self.caches = {p: PromptCache(lm, self.store, policy=p, storage_dtype=storage_dtype) for p in policies}
         self.kl_tokens = kl_tokens  # 0: no KL
         self.rerun_identical = rerun_identical
         self.group: str | None = None
@@ -233,7 +237,8 @@ def _paper_rows(summary: list[dict], policies: list[str]) -> list[dict]:
 
 
 def write_report(root: Path, summary: list[dict], all_rows: dict[str, list[dict]], args, lm,
-                 policies: list[str]) -> None:
+                 policies: list[str], placement: str | None = None,
+                 world: distributed.World = distributed.World()) -> None:
     cols = ["task", "metric", "n", "baseline"]
     for p in policies:
         cols += [f"cached_{p}", f"delta_{p}", f"identical_%_{p}", f"first_token_%_{p}", f"mean_kl_{p}"]
@@ -287,57 +292,76 @@ def write_report(root: Path, summary: list[dict], all_rows: dict[str, list[dict]
            "delta, not the absolute scores.\n"),
     ]
     outputs.write_report(root / "report.md", "Quality: with and without the prompt cache", model=lm.name,
-                         dtype=str(lm.dtype).replace("torch.", ""), sections=sections)
+                         dtype=str(lm.dtype).replace("torch.", ""), sections=sections,
+                         placement=placement, processes=world.describe())
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process, or one of several under `accelerate launch` (see experiments/distributed.py)."""
     import torch
     from tqdm import tqdm
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    world = distributed.world()
     root_data = data_dir(args.data)
     tasks = workloads.expand_tasks(args.tasks, root_data)
     policies = list(dict.fromkeys(args.policy))
-    from prompt_cache.models import load_model
+    from prompt_cache.models import describe_placement, load_model
 
-    lm = load_model(args.model)
+    state = distributed.start(world)
+    lm = load_model(args.model, cli.model_dtype(args), **distributed.placement(args, world, state))
     root = outputs.run_dir(f"quality/{_slug(args.model)}", args.out)
-    plan = []
+    plan, work = [], []
     for task, limit in tasks:
         items = workloads.load_items(task, root_data, lm.tokenizer, args.max_context_tokens,
                                      args.limit if limit is None else limit)
         tdir = root / task
         tdir.mkdir(parents=True, exist_ok=True)
-        plan.append((task, items, outputs.ItemLog(tdir / "items.jsonl")))
-    todo = sum(not log_.done(it.id) for _, items, log_ in plan for it in items)
-    total = sum(len(items) for _, items, _ in plan)
-    print(f"quality: {len(tasks)} tasks, {total} items ({total - todo} already done), "
-          f"policies {', '.join(policies)}, model {lm.name}, output {root}", file=sys.stderr)
-    runner = Runner(lm, policies, 0 if args.no_kl else args.kl_tokens, args.rerun_identical)
-    with tqdm(total=todo, desc="quality", unit="item", file=sys.stderr) as bar:
-        for task, items, log_ in plan:
-            for item in items:
-                if log_.done(item.id):
-                    continue
-                bar.set_postfix_str(task)
-                log_.add(runner.run(item, args.max_new_tokens or item.max_new_tokens))
-                bar.update(1)
+        merged = tdir / "items.jsonl"
+        own = distributed.shard_path(merged, world)
+        log_ = outputs.ItemLog(own, also_read=[p for p in [merged, *distributed.shard_files(merged)] if p != own])
+        plan.append((task, items, log_))
+        work += [(task, item, log_) for item in items]
+    # Split the full item list, not what is left: every process computes the same split whatever
+    # the others have written meanwhile.
+    mine = distributed.share(work, world)
+    todo = sum(not log_.done(it.id) for _, it, log_ in mine)
+    where = f", process {world.rank} of {world.size}" if world.size > 1 else ""
+    print(f"quality: {len(tasks)} tasks, {len(mine)} items ({len(mine) - todo} already done), "
+          f"policies {', '.join(policies)}, model {lm.name}, output {root}{where}", file=sys.stderr)
+    runner = Runner(lm, policies, 0 if args.no_kl else args.kl_tokens, args.rerun_identical, args.storage_dtype)
+    with tqdm(total=todo, desc="quality" + (f" [{world.rank}]" if world.size > 1 else ""), unit="item",
+              file=sys.stderr, position=world.rank) as bar:
+        for task, item, log_ in mine:
+            if log_.done(item.id):
+                continue
+            bar.set_postfix_str(task)
+            log_.add(runner.run(item, args.max_new_tokens or item.max_new_tokens))
+            bar.update(1)
+    distributed.barrier(state)
+    if not world.is_main:
+        return 0
     summary, all_rows = [], {}
-    for task, items, log_ in plan:
+    for task, items, _ in plan:
+        merged = root / task / "items.jsonl"
+        distributed.merge_shards(merged)
+        log_ = outputs.ItemLog(merged)
         rows = [log_.rows[it.id] for it in items if log_.done(it.id)]
         all_rows[task] = rows
         if rows:
             summary.append(summarize(task, items[0].metric, rows, policies))
+    placement = describe_placement(lm.model)
+    for row in summary:  # where it ran, at the end so the score columns keep their places
+        row.update(placement=placement, world_size=world.size)
     outputs.write_csv(root / "summary.csv", summary)
     if summary:
         plot(root / "quality_delta.png", summary, policies)
-    write_report(root, summary, all_rows, args, lm, policies)
+    write_report(root, summary, all_rows, args, lm, policies, placement, world)
     cols = ["task", "n", "baseline"] + [c for p in policies for c in (f"cached_{p}", f"delta_{p}", f"identical_%_{p}")]
     print(outputs.markdown_table(summary, cols))
     print(f"wrote {root / 'summary.csv'}, {root / 'report.md'}")
     return 0
-

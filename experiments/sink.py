@@ -18,7 +18,7 @@ import sys
 from tqdm import tqdm
 
 from experiments import data as D
-from experiments import metrics, outputs
+from experiments import cli, metrics, outputs
 from experiments.workloads import load_items
 from prompt_cache import DEFAULT_MODEL
 
@@ -31,14 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--data", help="data folder (default: $PML_DATA or ../shared/data)")
     p.add_argument("--out", help="run folder (default: runs/sink/<model>)")
+    cli.add_device_arguments(p)
 
 
 def run(args) -> int:
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
-    from prompt_cache.models import load_model
+    from prompt_cache.models import describe_placement, load_model
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
     root = D.data_dir(args.data)
     out = outputs.run_dir(f"sink/{lm.name}", args.out)
     log = outputs.ItemLog(out / "items.jsonl")
@@ -80,7 +81,8 @@ def run(args) -> int:
     outputs.write_csv(out / "summary.csv", summary)
     table = outputs.markdown_table(summary)
     outputs.write_report(out / "report.md", "Attention sink for the independent policy", model=lm.name,
-                         dtype=str(lm.dtype).removeprefix("torch."), sections=[("Fidelity to the full prefill", table)])
+                         dtype=str(lm.dtype).removeprefix("torch."), sections=[("Fidelity to the full prefill", table)],
+                         placement=describe_placement(lm.model), processes="1 (single process)")
     print(table)
     print(f"wrote {out}/report.md")
     return 0

@@ -20,7 +20,7 @@ import sys
 import statistics
 from pathlib import Path
 
-from experiments import outputs
+from experiments import cli, outputs
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, module_tokens, reset_store_dir, rotated
 from experiments.workloads import prompt_xml, schema_xml
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each other whenever another process holds a core; 0 = torch's default)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/speed/<model>)")
+    cli.add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     items = outputs.ItemLog(out / "items.jsonl")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from prompt_cache.models import load_model
+    from prompt_cache.models import describe_placement, load_model
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     text, _ = exact_text(lm.tokenizer, document_pool(data_dir(args.data), lm.tokenizer, args.context), args.context)
     store_dir = reset_store_dir(out / "store-scratch")
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                          outputs.markdown_table(profile(pc, s, bound, store_dir, lm, max(3, args.repeats)))))
     outputs.write_csv(out / "summary.csv", rows + checks)
     outputs.write_report(out / "report.md", "Speed benchmark: cached vs full-prefill TTFT", model=args.model,
-                         dtype=dtype, sections=sections)
+                         dtype=dtype, sections=sections, placement=describe_placement(lm.model),
+                         processes="1 (single process)")
     print(outputs.markdown_table(rows))
     for c in checks:
         print(f"{c['result']}: {c['target']} = {c['ratio']:.2f}x (goal {c['goal']})")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from attention_store.policies import BUILTIN_SPECS, DEFAULT_POLICY, get_policy
+from experiments.cli import add_device_arguments
 from pml.model import Prompt, Schema
 from prompt_cache import DEFAULT_MODEL
 
@@ -59,6 +60,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--kl-tokens", type=int, default=32, help="KL along at most this many baseline answer tokens")
     _threads_arg(p)
+    add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_user_errors(cmd_compare))
 
@@ -74,6 +76,7 @@ def add_commands(sub) -> None:
     p.add_argument("--store", help="store folder (default: a user cache folder)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     _threads_arg(p)
+    add_device_arguments(p)
     p.set_defaults(func=_user_errors(cmd_demo))
 
 
@@ -85,6 +88,7 @@ def _model_args(p) -> None:
     p.add_argument("--dtype", default=DEFAULT_STORAGE_DTYPE, choices=list(STORAGE_DTYPES),
                    help="storage dtype of states (default: %(default)s)")
     _threads_arg(p)
+    add_device_arguments(p)
 
 
 def _threads_arg(p) -> None:
@@ -148,9 +152,14 @@ def _engine(args):
     from prompt_cache.engine import PromptCache
     from prompt_cache.threads import apply_threads
 
+    from prompt_cache.models import layer_devices
+
     args.threads_used = apply_threads(getattr(args, "threads", None))
-    lm = _load(args.model)
-    return PromptCache(lm, open_store(args.store, lm), policy=getattr(args, "policy", DEFAULT_POLICY),
+    lm = _load(args.model, device=args.device, device_map=args.device_map, dtype=args.model_dtype)
+    # Under a device map each layer's states stay on that layer's GPU (memory budget per device).
+    devices = layer_devices(lm.model) if args.device_map else None
+    return PromptCache(lm, open_store(args.store, lm, layer_devices=devices),
+                       policy=getattr(args, "policy", DEFAULT_POLICY),
                        storage_dtype=getattr(args, "dtype", DEFAULT_STORAGE_DTYPE))
 
 
@@ -158,11 +167,16 @@ class UserError(Exception):
     """Bad input to a model-side command: printed as `pml: error: MESSAGE`, exit 2."""
 
 
-def _load(name: str):
-    from prompt_cache.models import load_model
+def _load(name: str, device: str | None = None, device_map: str | None = None, dtype: str = "fp32"):
+    from attention_store.dtypes import storage_dtype
+    from prompt_cache.models import load_model, resolve_device
 
     try:
-        return load_model(name)
+        resolve_device(device, device_map)  # a device this machine lacks fails before any loading
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    try:
+        return load_model(name, storage_dtype(dtype), device=device, device_map=device_map)
     except KeyError as e:  # unknown model name: the message lists the built-in ones
         raise UserError(e.args[0]) from None
     except (RuntimeError, FileNotFoundError, OSError) as e:
@@ -313,7 +327,7 @@ def cmd_compare(args) -> int:
 
     schema, prompt = read_pml(args.schema, Schema), read_pml(args.prompt, Prompt)
     threads = apply_threads(args.threads)
-    lm = _load(args.model)
+    lm = _load(args.model, device=args.device, device_map=args.device_map, dtype=args.model_dtype)
     out = compare_policies(lm, open_store(args.store, lm), schema, prompt, args.policies, args.max_new_tokens,
                            args.kl_tokens)
     if args.json:

@@ -13,6 +13,7 @@ The full-prefill baseline is `baseline_tokens`: the same token ids with contiguo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,13 @@ def fresh_tokens(layout, bound) -> tuple[list[int], list[int]]:
 
 
 def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: torch.dtype,
-             device="cpu") -> Assembled:
-    """Concatenate the stored states this prompt uses into one cache (model dtype, model device)."""
+             device: torch.device | str | Sequence[torch.device | str] = "cpu") -> Assembled:
+    """Concatenate the stored states this prompt uses into one cache (model dtype, model device).
+
+    `device` is one device for every layer, or one per layer (`prompt_cache.models.layer_devices`)
+    when the model is split across devices: layer i's K/V must be where layer i attends.
+    """
+    devices = _per_layer(device, len(next(iter(entries.values())).keys) if entries else 0)
     # Each piece is a (start, end) run of an entry's tokens to keep: everything but the scaffold
     # tokens of parameters that get another value. Slicing runs makes views, so the one
     # concatenation below is the only copy of the states on the time-to-first-token path.
@@ -93,9 +99,11 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
         pieces += [(entry, lo, hi) for lo, hi in _runs(~drop)]
     if pieces:
         def layer(which: str, i: int) -> torch.Tensor:
-            parts = [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]
+            # Pieces may sit on another device than layer i (a memory tier on one device, a disk
+            # load on CPU): move each to layer i's device before the concatenation.
+            parts = [getattr(e, which)[i][:, :, lo:hi].to(devices[i]) for e, lo, hi in pieces]
             out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-            return out.to(device=device, dtype=dtype)
+            return out.to(device=devices[i], dtype=dtype)
 
         n_layers = len(pieces[0][0].keys)
         cache = adapter.new_cache([layer("keys", i) for i in range(n_layers)],
@@ -110,6 +118,16 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
     return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
                      torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids),
                      cache_ids.cpu(), cache_units)
+
+
+def _per_layer(device, n_layers: int) -> list[torch.device]:
+    """One device per layer: a single device repeated, or the given list checked against the layer count."""
+    if isinstance(device, (str, torch.device)):
+        return [torch.device(device)] * n_layers
+    devices = [torch.device(d) for d in device]
+    if n_layers and len(devices) != n_layers:
+        raise ValueError(f"{len(devices)} layer devices given for entries with {n_layers} layers")
+    return devices
 
 
 def _runs(keep: torch.Tensor) -> list[tuple[int, int]]:

@@ -35,6 +35,7 @@ from pml.prompt import BoundPrompt, bind_prompt
 from prompt_cache import DEFAULT_MODEL, assembler, generation, recovery
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.loaded import LoadedModel
+from prompt_cache.models import layer_devices
 from prompt_cache.timing import Clock
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class PromptCache:
         self.policy = get_policy(policy)
         self.storage_dtype = parse_storage_dtype(storage_dtype)
         self.schemas: dict[str, SchemaState] = {}
+        # Where each layer attends (several devices under a device map); assembly puts layer i's K/V there.
+        self.layer_devices = layer_devices(lm.model)
         self.clock = Clock(lm.model.device)
 
     @classmethod
@@ -171,7 +174,7 @@ class PromptCache:
         if entries is None:
             entries, missing = self.lookup(s, bound)
             entries.update(self.encode_missing(s, missing))
-        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.lm.model.device)
+        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.layer_devices)
 
     def baseline(self, s: SchemaState, bound: BoundPrompt) -> assembler.Assembled:
         """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache."""

@@ -245,6 +245,118 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path) -> None:
     atomic_write(out / MARKER, json.dumps(marker, indent=2, sort_keys=True))
 
 
+# --------------------------------------------------------------------------- placement
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named strategies
+
+
+def resolve_device(device: str | torch.device | None, device_map: str | None = None) -> torch.device:
+    """The one device a model goes to (CPU when None); a `ValueError` naming the problem otherwise.
+
+    With `device_map` the model is split by accelerate instead, so a `device` as well is an error;
+    the returned device is then CPU, where accelerate's dispatch starts from.
+    """
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise ValueError(f"unknown device map {device_map!r}: choose one of {', '.join(DEVICE_MAPS)}")
+        if device is not None:
+            raise ValueError(f"give --device ({device}) or --device-map ({device_map}), not both: "
+                             "a device map already says where every layer goes")
+        return torch.device("cpu")
+    if device is None:
+        return torch.device("cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"not a device: {device!r} (expected cpu, cuda, cuda:N, mps, ...)") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here "
+                             f"(torch {torch.__version__}, {torch.cuda.device_count()} GPUs visible); use --device cpu")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    elif target.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda[:N] or mps")
+    return target
+
+
+def _dispatch(model: Any, device_map: str) -> None:
+    """Split an already built model (tiny ones) across devices the way from_pretrained(device_map=...) does."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = None
+    if device_map in ("auto", "balanced", "balanced_low_0"):
+        max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+    mapping = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    dispatch_model(model, device_map=mapping)
+
+
+def _decoder_layers(model: Any) -> list[tuple[str, Any]]:
+    """(qualified name, module) of every decoder layer, in order."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
+                         "(expected model.get_decoder().layers)")
+    names = {id(m): n for n, m in model.named_modules()}  # identity lookup: modules are not hashable by value
+    return [(names[id(layer)], layer) for layer in layers]
+
+
+def _map_device(value: Any) -> torch.device:
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+
+
+def layer_devices(model: Any) -> list[torch.device]:
+    """Layer index -> the device that layer runs on (where its K/V must be when it attends).
+
+    Read in this order: the execution device of accelerate's hook on the layer (right even for
+    offloaded layers, which live on CPU or disk but run on the main GPU); else the model's
+    `hf_device_map` entry that covers the layer, with "cpu"/"disk" read as accelerate does (run on
+    the first GPU of the map when there is one); else the device of the layer's parameters.
+    """
+    device_map = getattr(model, "hf_device_map", None) or {}
+    # accelerate runs offloaded ("cpu"/"disk") modules on the map's first accelerator; "meta" holds
+    # no data and runs nothing, so it is never that device.
+    gpus = [v for v in device_map.values() if v not in ("cpu", "disk", "meta")]
+    main = _map_device(gpus[0]) if gpus else torch.device("cpu")
+    out = []
+    for name, layer in _decoder_layers(model):
+        hook = getattr(layer, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            out.append(_map_device(execution))
+            continue
+        covering = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        if covering:
+            value = device_map[max(covering, key=len)]  # the most specific entry
+            out.append(main if value in ("cpu", "disk") else _map_device(value))
+            continue
+        param = next(layer.parameters(), None)
+        out.append(param.device if param is not None else torch.device("cpu"))
+    return out
+
+
+def describe_placement(model: Any) -> str:
+    """One line for reports: "single device (cpu)", or layer ranges per device under a device map."""
+    devices = layer_devices(model)
+    if len(set(devices)) <= 1 and not getattr(model, "hf_device_map", None):
+        return f"single device ({devices[0] if devices else 'cpu'})"
+    runs: list[tuple[int, int, torch.device]] = []
+    for i, d in enumerate(devices):
+        if runs and runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], i, d)
+        else:
+            runs.append((i, i, d))
+    spans = ", ".join(f"layers {a}-{b} on {d}" if a != b else f"layer {a} on {d}" for a, b, d in runs)
+    return f"device map: {spans}"
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -257,15 +369,22 @@ def _generation_eos(model_dir: Path | str) -> Any:
         return None
 
 
-def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = None, device_map: str | None = None) -> LoadedModel:
     """Load a built-in model by name (converting it once), a local Hugging Face model dir, or a hub id.
 
     `tiny:<arch>` (e.g. `tiny:llama`) gives a random-weight model from `prompt_cache.tiny`, for
     smoke tests of commands and experiments. The model is in eval mode with sdpa attention and cast
     to `dtype`; `fingerprint` names the weights.
+
+    Placement: `device` ("cpu", "cuda", "cuda:1", ...; None = CPU) puts the whole model on one
+    device; `device_map` ("auto", "balanced", "balanced_low_0", "sequential") lets accelerate split
+    its layers across every visible GPU (then CPU) instead. Not both. A device this machine does not
+    have is a `ValueError` that says so, before anything is loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target = resolve_device(device, device_map)
     name = str(name_or_path)
     if name.startswith("tiny:"):
         from prompt_cache.tiny import TINY_ARCHS, tiny_model
@@ -273,7 +392,12 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
         arch = name.removeprefix("tiny:")
         if arch not in TINY_ARCHS:
             raise KeyError(f"unknown tiny model {name!r}: choose tiny:{', tiny:'.join(TINY_ARCHS)}")
-        return tiny_model(arch, dtype=dtype)
+        lm = tiny_model(arch, dtype=dtype)
+        if device_map is not None:
+            _dispatch(lm.model, device_map)
+        else:
+            lm.model.to(target)
+        return lm
     if name in REGISTRY:
         model_dir: Path | str = ensure_converted(name)
         fingerprint = read_marker(Path(model_dir))["fingerprint"]  # type: ignore[index]
@@ -288,7 +412,13 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     else:
         raise _unknown_model(name)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    # Without a map or a device the load path stays transformers' plain one (no accelerate hooks).
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+    elif target.type != "cpu":
+        placement["device_map"] = {"": target}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **placement)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not fingerprint:

@@ -69,10 +69,8 @@ def recompute(lm, ready: Assembled, policy: EncodingPolicy) -> Assembled:
     if ctx.probe_kv is not None:  # layers up to the probe's are exact for every token: keep them
         for i in range(ctx.probe_layer + 1):
             keys[i], values[i] = ctx.probe_kv[0][i], ctx.probe_kv[1][i]
-    device = keys[0].device
-    at = rest.to(device)
     # Gathers make new tensors: the stored entries behind the assembled cache are never written.
-    cache = adapter.new_cache([k[:, :, at] for k in keys], [v[:, :, at] for v in values])
+    cache = adapter.new_cache([k[:, :, rest.to(k.device)] for k in keys], [v[:, :, rest.to(v.device)] for v in values])
     pos, ids = ready.cache_positions, ready.cache_ids
     q_pos, r_pos = pos[chosen], pos[rest]
     allowed = torch.cat([r_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)

@@ -148,3 +148,34 @@ def test_compare_policies_json(files, capsys):
     assert rows["blend:1"]["text"] == rows["schema"]["text"]
     with pytest.raises(SystemExit):
         main(["compare", str(files / "p.pml"), "--schema", str(files / "s.pml"), "--policies", "blend:7"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("command", ["encode", "run", "demo"])
+def test_device_cuda_without_cuda_is_one_line_exit_2(files, capsys, command):
+    argv = {"encode": ["encode", str(files / "s.pml")],
+            "run": ["run", str(files / "p.pml"), "--schema", str(files / "s.pml")],
+            "demo": ["demo"]}[command]
+    assert main([*argv, "--model", "tiny:llama", "--store", str(files / "store"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    # expected: one line that names the device and says CUDA is missing; nothing was stored
+    assert err.count("\n") == 1 and "cuda" in err and "not available" in err
+    assert not (files / "store").exists()
+
+
+def test_device_and_device_map_together_is_one_line_exit_2(files, capsys):
+    argv = ["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", str(files / "store"),
+            "--device", "cpu", "--device-map", "auto"]
+    assert main(argv) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement", [["--device", "cpu"], ["--device-map", "auto"]])
+def test_run_with_a_placement_answers_as_without(files, capsys, placement):
+    common = [str(files / "p.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+              "--store", str(files / "store"), "--max-new-tokens", "6", "--json"]
+    plain = run_json(capsys, "run", *common)
+    placed = run_json(capsys, "run", *common, *placement)
+    # expected: on a CPU machine both placements are the CPU: the same greedy text, all modules cached
+    assert placed["text"] == plain["text"]
+    assert placed["usage"] == plain["usage"] and placed["usage"]["cached_tokens"] > 0

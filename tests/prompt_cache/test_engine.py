@@ -156,7 +156,7 @@ def test_usage_and_timing_are_reported(lm):
     pc.add_schema(SCHEMA)
     r = pc.answer(PROMPT, config=GREEDY)
     j = r.to_json()
-    assert set(j["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens"}
+    assert set(j["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens", "recomputed_tokens"}
     assert {"ttft_ms", "cache_ms", "prefill_ms", "decode_tokens_per_s"} <= set(j["timing"])
     assert r.timing.encode_ms > 0  # states were missing: encoded on the fly
     assert pc.answer(PROMPT, config=GREEDY).timing.encode_ms == 0
