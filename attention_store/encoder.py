@@ -197,7 +197,7 @@ def ensure_encoded(p: EncodePlan, lm, store, dtype: torch.dtype, units: list[str
     found: dict[str, KVEntry] = {}
     missing = []
     for u in p.units if units is None else units:
-        entry, _tier = store.get(unit_key(p, u, lm, dtype))
+        entry, _tier = store.get(unit_key(p, u, lm, dtype), expect=(p.token_ids[p.units[u]], p.positions[p.units[u]]))
         if entry is None:
             missing.append(u)
         else:

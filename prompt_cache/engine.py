@@ -25,7 +25,7 @@ from attention_store import encoder
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, storage_dtype as parse_storage_dtype
 from attention_store.store import AttentionStore, open_store
 from attention_store.tiers import DEFAULT_MEMORY_BUDGET, MemoryTier
-from prompt_cache import assembler, generation
+from prompt_cache import assembler, generation, limits
 from prompt_cache.generation import GenerationConfig
 from pml.errors import PMLError
 from pml.layout import compute_layout
@@ -110,6 +110,7 @@ class PromptCache:
         """Parse (file path or XML text), lay out and plan a schema; returns its Layout."""
         schema = _parse(source, parse_schema)
         layout = compute_layout(schema, self.lm.tokenizer)
+        limits.check_schema(layout, self.lm)  # before any model work: the plan's mask is N x N
         self.schemas[schema.name] = _Schema(schema, layout, encoder.plan(layout, self.policy, self.sink))
         return layout
 
@@ -124,10 +125,11 @@ class PromptCache:
 
     def pin(self, schema: str) -> None:
         """Mark `schema` as hot: its entries stay in the memory tier whatever the LRU order."""
-        self.store.pin(self._schema(schema).layout.schema_name)
+        s = self._schema(schema)
+        self.store.pin_keys([encoder.unit_key(s.plan, u, self.lm, self.storage_dtype) for u in s.plan.units], holder=schema)
 
     def unpin(self, schema: str) -> None:
-        self.store.unpin(schema)
+        self.store.unpin_keys(holder=schema)
 
     # -- phases --------------------------------------------------------------------------------
     def bind(self, prompt: str | Path):
@@ -139,6 +141,7 @@ class PromptCache:
                            file=getattr(p, "file", None), line=getattr(p, "line", None), element="prompt")
         s = self.schemas[p.schema]
         bound = bind_prompt(p, s.layout, self.lm.tokenizer)
+        limits.check_prompt(s.layout, bound, self.lm)
         if not bound.suffix_ids:
             # Generation needs the logits of a last token, which only a fresh forward produces.
             raise PMLError("the prompt adds no new text: add the question or instruction as text or a "
