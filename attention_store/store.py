@@ -114,12 +114,12 @@ class AttentionStore:
             self.memory.unpin_keys(holder)
 
 
-def check_store_dir(path: str | os.PathLike[str]) -> Path:
+def check_store_dir(path: str | os.PathLike[str], writable: bool = True) -> Path:
     """`path` if it can be a store folder; a StoreError saying why not otherwise.
 
     Refused: a filesystem root, the home folder itself, a file, a non-empty folder that is not a
-    store (no `owner.json` and things a store never holds), a folder that cannot be written (or
-    created). Nothing is created here.
+    store (no `owner.json` and things a store never holds), and with `writable` a folder that
+    cannot be written (or created). Nothing is created here.
     """
     root = Path(path).expanduser()
     resolved = root.resolve()
@@ -135,7 +135,7 @@ def check_store_dir(path: str | os.PathLike[str]) -> Path:
             raise StoreError(f"refusing {root} as a store folder: it is not empty and not a store (it holds "
                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); name an empty or new folder")
     existing = next(p for p in (resolved, *resolved.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
         raise StoreError(f"cannot write to store {root}: {existing} is not writable; use a writable --store folder")
     return root
 
