@@ -244,8 +244,8 @@ class DiskTier(Tier):
         from safetensors.torch import load
 
         path = self.path(key)
-        if path.parent.is_symlink() or not (path.is_file() or path.is_symlink()):
-            return None
+        if path.parent.is_symlink() or not os.path.lexists(path):
+            return None  # a symlink, FIFO or folder in an entry's place is read below, fails, and is moved aside
         st = None
         try:
             data, st = _read_file(path)
