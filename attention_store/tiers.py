@@ -370,9 +370,25 @@ class DiskTier(Tier):
             return False
 
     def remove_all(self) -> int:
-        """Delete every entry file (misfiled ones too), `corrupt/` and temp files; returns entry files removed."""
+        """Delete every entry file (misfiled ones too), `corrupt/` and temp files; returns entry files removed.
+
+        A `.safetensors` file in an entry folder that is not an entry of this store's format (its header
+        says so) is someone else's file: it is left alone, with a warning.
+        """
         removed = 0
         for path in list(self.files()):
+            try:
+                head, _st = _read_file(path, limit=8 + MAX_HEADER_BYTES)
+                fmt = (_header(head).get("__metadata__") or {}).get("format")
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                fmt = None
+                log.warning("disk tier: %s is not a readable entry (%s); left in place", path, e)
+            if fmt not in (FILE_FORMAT, *OLD_FILE_FORMATS):
+                if fmt is not None:
+                    log.warning("disk tier: %s is not an entry (format %r); left in place", path, fmt)
+                continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1
