@@ -162,3 +162,40 @@ def test_encode_ms_counts_entries_re_encoded_because_their_files_were_damaged(lm
     fresh.add_schema(A)
     r = fresh.answer('<prompt schema="a"><rivers/>Where do rivers go?</prompt>', config=GREEDY)
     assert r.timing.encode_ms > 0
+
+
+def test_two_models_racing_on_a_fresh_store_end_with_one_model_in_it(tmp_path, monkeypatch):
+    import tempfile
+    import threading
+    import time
+
+    from prompt_cache.tiny import tiny_model
+
+    real = tempfile.mkstemp
+
+    def slow_mkstemp(*a, **k):  # both processes get past "no owner yet" before either writes
+        out = real(*a, **k)
+        time.sleep(0.2)
+        return out
+
+    monkeypatch.setattr(tempfile, "mkstemp", slow_mkstemp)
+    models = [tiny_model("llama", seed=0), tiny_model("llama", seed=1)]
+    refused = []
+
+    def run(m):
+        try:
+            pc = PromptCache(m, open_store(tmp_path, m))
+            pc.add_schema(A)
+            pc.encode("a")
+        except StoreMismatch:
+            refused.append(m.name)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # expected: one model was refused and the store holds the states of the other alone
+    assert len(refused) == 1
+    fingerprints = {row.meta.model_fingerprint for row in AttentionStore.from_dir(tmp_path).entries()}
+    assert len(fingerprints) == 1
