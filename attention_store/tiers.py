@@ -268,6 +268,8 @@ class DiskTier(Tier):
                            tensors["token_ids"], tensors["positions"], tensors["replaceable"])
         except FileNotFoundError:  # deleted or quarantined by someone else meanwhile
             return None
+        except MemoryError:  # this machine's state, not the file's: do not set a sound file aside
+            raise
         except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
             self.quarantine(key, f"{type(exc).__name__}: {exc}", _st=st)
             return None
