@@ -110,7 +110,7 @@ class PromptCache:
         """Parse (file path or XML text), lay out and plan a schema; returns its Layout."""
         schema = _parse(source, parse_schema)
         layout = compute_layout(schema, self.lm.tokenizer)
-        limits.check_schema(layout, self.lm)  # before any model work: the plan's mask is N x N
+        limits.check_schema(layout, self.lm)  # before planning or any model work
         self.schemas[schema.name] = _Schema(schema, layout, encoder.plan(layout, self.policy, self.sink))
         return layout
 
