@@ -184,7 +184,7 @@ def lookup(p: EncodePlan, lm, store, dtype: torch.dtype,
     found: dict[str, KVEntry] = {}
     missing = []
     for u in p.units if units is None else units:
-        entry, _tier = store.get(unit_key(p, u, lm, dtype))
+        entry, _tier = store.get(unit_key(p, u, lm, dtype), expect=(p.token_ids[p.units[u]], p.positions[p.units[u]]))
         if entry is None:
             missing.append(u)
         else:

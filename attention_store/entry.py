@@ -123,6 +123,17 @@ class KVEntry:
                        tuple(v.to(d) for v, d in zip(self.values, devices)), self.token_ids,
                        self.positions, self.replaceable)
 
+    def matches(self, token_ids: torch.Tensor | Sequence[int], positions: torch.Tensor | Sequence[int]) -> bool:
+        """Whether this entry holds states of exactly `token_ids` at `positions` (both `[T]`).
+
+        Keys are content hashes, so an honest entry always matches what its key was computed from; a
+        mismatch means a file that is self-consistent but holds another entry's states.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).cpu()
+        pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
+        return (ids.shape == self.token_ids.shape and pos.shape == self.positions.shape
+                and torch.equal(ids, self.token_ids.cpu()) and torch.equal(pos, self.positions.cpu()))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor map as stored on disk: `k.{i}`, `v.{i}`, `token_ids`, `positions`, `replaceable`."""
         out = {f"k.{i}": k for i, k in enumerate(self.keys)}
@@ -131,8 +142,13 @@ class KVEntry:
         return out
 
 
-def payload_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def payload_checksum(tensors: Mapping[str, torch.Tensor], header: str = "") -> str:
+    """sha256 over `header` (the file format and the entry's metadata JSON) and every tensor.
+
+    The header is inside the hash so that metadata (schema, module, key) cannot be edited without
+    the checksum failing.
+    """
+    h = hashlib.sha256(header.encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())

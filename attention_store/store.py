@@ -8,20 +8,25 @@ Example:
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from attention_store.entry import EntryMeta, KVEntry
-from attention_store.fileio import atomic_write
+from attention_store.errors import StoreError, StoreMismatch
 from attention_store.keys import EntryKey
+from attention_store.owner import OWNER_FILE, check_owner, read_owner
 from attention_store.paths import default_store_dir
-from attention_store.tiers import DEFAULT_MEMORY_BUDGET, DiskTier, MemoryTier, Tier
+from attention_store.tiers import CORRUPT_DIR, DEFAULT_MEMORY_BUDGET, DiskTier, MemoryTier, Tier
+
+__all__ = ["AttentionStore", "StoreRow", "StoreError", "StoreMismatch", "OWNER_FILE", "open_store", "check_store_dir"]
+
+log = logging.getLogger(__name__)
 
 
 class StoreRow(NamedTuple):
@@ -51,10 +56,19 @@ class AttentionStore:
         root = Path(path) if path is not None else default_store_dir()
         return cls(MemoryTier(memory_budget_bytes, device, layer_devices), DiskTier(root, verify_on_load))
 
-    def get(self, key: EntryKey) -> tuple[KVEntry, str] | tuple[None, None]:
-        """`(entry, tier name)` from the first tier that has `key`, or `(None, None)`."""
+    def get(self, key: EntryKey, expect: tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor] | None = None
+            ) -> tuple[KVEntry, str] | tuple[None, None]:
+        """`(entry, tier name)` from the first tier that has `key`, or `(None, None)`.
+
+        With `expect=(token_ids, positions)`, an entry holding other tokens or positions (a
+        self-consistent file with another entry's states) is damage: it is quarantined, and the
+        lookup goes on to the next tier and ends in a miss, so the caller recomputes it.
+        """
         for tier in self.tiers:
             entry = tier.get(key)
+            if entry is not None and expect is not None and not entry.matches(*expect):
+                self.quarantine(key, "its token ids or positions are not the ones its key names")
+                return None, None
             if entry is not None:
                 if tier is self.disk and self.memory is not None:
                     self.memory.put(entry)
@@ -83,21 +97,64 @@ class AttentionStore:
                 rows[meta.key] = StoreRow(meta, (*prev.tiers, tier.name) if prev else (tier.name,))
         return list(rows.values())
 
-    def pin(self, schema: str) -> None:
-        """Keep entries of `schema` in memory (no-op without a memory tier)."""
+    def quarantine(self, key: EntryKey, reason: str) -> None:
+        """Drop `key` from memory and move its file aside: it is damaged and will be recomputed."""
         if self.memory is not None:
-            self.memory.pin(schema)
+            self.memory.delete(key)
+        if self.disk is not None:
+            self.disk.quarantine(key, reason)
 
-    def unpin(self, schema: str) -> None:
+    def pin_keys(self, keys: Iterable[EntryKey], holder: str = "") -> None:
+        """Keep the entries under `keys` in memory on behalf of `holder` (no-op without a memory tier).
+
+        By content key, not by the schema recorded in an entry: an entry two schemas share stays
+        pinned while either holds it.
+        """
         if self.memory is not None:
-            self.memory.unpin(schema)
+            self.memory.pin_keys(keys, holder)
+
+    def unpin_keys(self, holder: str = "") -> None:
+        """Release what `holder` pinned."""
+        if self.memory is not None:
+            self.memory.unpin_keys(holder)
 
 
-class StoreMismatch(ValueError):
-    """A store folder holds states of another model or tokenizer."""
+def check_store_dir(path: str | os.PathLike[str], writable: bool = True) -> Path:
+    """`path` if it can be a store folder; a StoreError saying why not otherwise.
+
+    Refused: a filesystem root, the home folder itself, a file, a non-empty folder that is not a
+    store (no `owner.json` and things a store never holds), and with `writable` a folder that
+    cannot be written (or created). Nothing is created here.
+    """
+    root = Path(path).expanduser()
+    resolved = root.resolve()
+    if resolved == Path(resolved.anchor):
+        raise StoreError(f"refusing {root} as a store folder: it is a filesystem root; name a folder of its own")
+    if resolved == Path.home().resolve():
+        raise StoreError(f"refusing {root} as a store folder: it is your home folder; name a folder of its own")
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"refusing {root} as a store folder: it is not a folder")
+    if root.is_dir():
+        foreign = sorted(p.name for p in root.iterdir() if not _store_like(p))
+        if foreign and not (root / OWNER_FILE).exists():
+            raise StoreError(f"refusing {root} as a store folder: it is not empty and not a store (it holds "
+                             f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); name an empty or new folder")
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write to store {root}: {existing} is not writable; use a writable --store folder")
+    return root
 
 
-OWNER_FILE = "owner.json"
+def _store_like(p: Path) -> bool:
+    """Whether `p` is something a store folder holds: owner file, entry shards, corrupt/, temp files."""
+    name = p.name
+    return (name in (OWNER_FILE, CORRUPT_DIR) or (name.startswith(".") and name.endswith(".tmp"))
+            or (len(name) == 2 and all(c in "0123456789abcdef" for c in name) and p.is_dir()))
+
+
+def store_dir_for(path: str | os.PathLike[str] | None, model_name: str) -> Path:
+    """`path`, or the per-model folder under the default store folder."""
+    return Path(path).expanduser() if path is not None else default_store_dir() / re.sub(r"[^\w.-]+", "_", model_name)
 
 
 def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = None,
@@ -107,32 +164,21 @@ def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = No
     A store folder belongs to one model: `owner.json` names its weights and tokenizer fingerprints,
     and opening it with another model is a `StoreMismatch` (entry keys would never be served across
     models anyway, since they include both fingerprints; this turns a silent full recompute into a
-    clear error). The check writes nothing when it fails.
+    clear error). Opening writes nothing: the folder and `owner.json` are created by the first
+    entry stored, and created exclusively, so of two models storing into a fresh folder at once the
+    second gets the StoreMismatch. Temp files of writers killed before this run are removed.
 
     `layer_devices` (from `prompt_cache.models.layer_devices`, for a model split across devices)
     keeps each layer's states on its layer's device, with `memory_budget_bytes` per device; without
     it the memory tier sits on the model's first device and assembly moves each layer.
     """
-    root = Path(path) if path is not None else default_store_dir() / re.sub(r"[^\w.-]+", "_", lm.name)
+    root = check_store_dir(store_dir_for(path, lm.name))
     owner = {"model": lm.name, "model_fingerprint": lm.fingerprint,
              "tokenizer_fingerprint": lm.tokenizer.fingerprint}
-    marker = root / OWNER_FILE
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreMismatch(f"{marker} is unreadable ({e}); remove it to adopt the store") from None
-        if (found.get("model_fingerprint"), found.get("tokenizer_fingerprint")) != (
-                owner["model_fingerprint"], owner["tokenizer_fingerprint"]):
-            raise StoreMismatch(
-                f"store {root} holds states of model {found.get('model')!r} (weights "
-                f"{str(found.get('model_fingerprint'))[:12]}), not of {lm.name!r} (weights "
-                f"{lm.fingerprint[:12]}); use another --store folder, or empty this one with "
-                f"`pml store rm --all --store {root}` and delete {marker}")
-    else:
-        atomic_write(marker, json.dumps(owner, indent=1))
+    check_owner(root, read_owner(root), owner)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
     # The memory tier lives where the model does (GPU memory for a GPU model), so assembly is a copy
     # on that device.
-    return AttentionStore.from_dir(root, memory_budget_bytes=budget, device=lm.model.device,
-                                   layer_devices=layer_devices)
+    disk = DiskTier(root, owner=owner)
+    disk.remove_stale_temp()
+    return AttentionStore(MemoryTier(budget, lm.model.device, layer_devices), disk)

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
+import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from attention_store.entry import EntryMeta, KVEntry, payload_checksum
-from attention_store.fileio import atomic_write
+from attention_store.errors import StoreError
+from attention_store.fileio import publish
 from attention_store.keys import KEY_RE, EntryKey
+from attention_store.owner import claim_owner
 
 log = logging.getLogger(__name__)
 
-FILE_FORMAT = "pml-kv/1"
+FILE_FORMAT = "pml-kv/2"  # /2: the checksum covers the metadata too; /1 files are recomputed, not read
+OLD_FILE_FORMATS = ("pml-kv/1",)
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of KV kept in a memory tier unless told otherwise
+CORRUPT_KEEP = 16  # damaged files kept in `corrupt/` for inspection (the newest); older ones are deleted
+STALE_TEMP_S = 3600.0  # a temp file this old is a killed writer's leftover, not a write in progress
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header longer than this is damage, not metadata
+CORRUPT_DIR = "corrupt"
 
 
 class Tier(abc.ABC):
@@ -35,7 +45,7 @@ class Tier(abc.ABC):
 
     @abc.abstractmethod
     def put(self, entry: KVEntry) -> None:
-        """Store `entry` under `entry.meta.key`, replacing any entry with that key."""
+        """Store `entry` under `entry.meta.key` (a key names its content: an entry already there is kept)."""
 
     @abc.abstractmethod
     def delete(self, key: EntryKey) -> bool:
@@ -59,8 +69,9 @@ class MemoryTier(Tier):
     assembly an on-device copy; one tier with a per-device count (rather than one tier per device)
     keeps an entry whole, so a hit is never half on one GPU and missing on another.
 
-    Entries of pinned schemas are never evicted; if they alone exceed the budget they are kept and a
-    warning is logged. An unpinned entry bigger than the whole budget (of some device) is not kept.
+    Pinned keys are never evicted; if they alone exceed the budget they are kept and a warning is
+    logged. An unpinned entry bigger than the whole budget (of some device) is not kept. Pins are by
+    content key and per holder (e.g. a schema name), so two schemas sharing an entry each keep it pinned.
     """
 
     name = "memory"
@@ -73,7 +84,8 @@ class MemoryTier(Tier):
         self.device = torch.device(device)
         self.layer_devices = tuple(torch.device(d) for d in layer_devices) if layer_devices else None
         self._entries: OrderedDict[EntryKey, KVEntry] = OrderedDict()  # oldest use first
-        self._pinned: set[str] = set()
+        self._pins: dict[str, frozenset[EntryKey]] = {}  # holder -> keys it keeps resident
+        self._pinned: frozenset[EntryKey] = frozenset()  # union of `_pins`
         self._lock = threading.Lock()
 
     @property
@@ -96,16 +108,22 @@ class MemoryTier(Tier):
                              f"{entry.meta.key[:12]} has {entry.num_layers} layers")
         return entry.to_layers(self.layer_devices)
 
-    def pin(self, schema: str) -> None:
-        """Never evict entries of `schema`."""
+    def pin_keys(self, keys: Iterable[EntryKey], holder: str = "") -> None:
+        """Never evict the entries under `keys` (stored now or later); replaces what `holder` pinned before."""
         with self._lock:
-            self._pinned.add(schema)
+            self._pins[holder] = frozenset(keys)
+            self._pinned = frozenset().union(*self._pins.values())
 
-    def unpin(self, schema: str) -> None:
-        """Let entries of `schema` be evicted again (evicting now if over budget)."""
+    def unpin_keys(self, holder: str = "") -> None:
+        """Drop `holder`'s pins (keys another holder pinned stay pinned), evicting now if over budget."""
         with self._lock:
-            self._pinned.discard(schema)
+            self._pins.pop(holder, None)
+            self._pinned = frozenset().union(*self._pins.values())
             self._evict()
+
+    def pinned(self) -> frozenset[EntryKey]:
+        """Every pinned key, of all holders."""
+        return self._pinned
 
     def get(self, key: EntryKey) -> KVEntry | None:
         with self._lock:
@@ -115,7 +133,7 @@ class MemoryTier(Tier):
             return entry
 
     def put(self, entry: KVEntry) -> None:
-        pinned = entry.meta.schema in self._pinned
+        pinned = entry.meta.key in self._pinned
         entry = self._place(entry) if pinned or self._fits(entry) else None
         if entry is None:
             return
@@ -146,7 +164,7 @@ class MemoryTier(Tier):
                 return
             entry = self._entries[key]
             share = _bytes_by_device(entry)
-            if entry.meta.schema in self._pinned or not over & share.keys():
+            if key in self._pinned or not over & share.keys():
                 continue  # pinned, or frees nothing on a device that is over budget
             del self._entries[key]
             for d, n in share.items():
@@ -185,23 +203,59 @@ def _bytes_by_device(entry: KVEntry) -> dict[str, int]:
     return out
 
 
+def _read_file(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """The bytes of regular file `path` (at most `limit`) and its stat; never follows a symlink.
+
+    The bytes are a private copy: nothing read here changes when the file is later rewritten or
+    truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO cannot hang us
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        return (fh.read() if limit is None else fh.read(limit)), st
+
+
+def _header(data: bytes) -> dict:
+    """The safetensors JSON header at the start of `data` (`__metadata__` holds our string metadata)."""
+    if len(data) < 8:
+        raise ValueError("file shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise ValueError(f"header of {n} bytes does not fit the file")
+    header = json.loads(data[8:8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header
+
+
 class DiskTier(Tier):
     """One safetensors file per entry at `root/<key[:2]>/<key>.safetensors`.
 
     Tensors `k.{i}`, `v.{i}`, `token_ids`, `positions`, `replaceable`; the string metadata holds the
-    EntryMeta as JSON and a sha256 of the tensor payload. Writes go to a temp file in the same dir,
-    are fsynced, then `os.replace`d into place, so a reader sees either no file or a whole one, and
-    concurrent writers of one key just race to replace it with identical content. Loads are
-    memory-mapped and verified against the checksum (`verify_on_load=False` skips that full read).
-    A damaged file is logged once, moved to `root/corrupt/`, and reported as a miss; never served.
+    EntryMeta as JSON and a sha256 over the format, that JSON and the tensors. A file is written
+    whole to a temp file and hard-linked to its name, which fails if the name exists: concurrent
+    writers of one key store it once, and a reader sees no file or a whole one. A load reads the
+    file into memory (a copy, checked against the checksum; `verify_on_load=False` skips the
+    hashing) and never maps it, so a file changed afterwards cannot change served states. A damaged
+    file is logged once, moved to `root/corrupt/` (the newest `corrupt_keep` are kept), and reported
+    as a miss; never served. Nothing outside `root` is read, written or deleted through a symlink.
+
+    The folder is created by the first `put`; with `owner` (model name and fingerprints), that put
+    first claims the folder for the owner (`owner.json`, created exclusively).
     """
 
     name = "disk"
 
-    def __init__(self, root: str | os.PathLike[str], verify_on_load: bool = True):
+    def __init__(self, root: str | os.PathLike[str], verify_on_load: bool = True, owner: Mapping | None = None,
+                 corrupt_keep: int = CORRUPT_KEEP):
         self.root = Path(root)
         self.verify_on_load = verify_on_load
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.owner = dict(owner) if owner is not None else None
+        self.corrupt_keep = corrupt_keep
+        self.published = 0  # entry files this tier created (a key already on disk is not written again)
+        self._claimed = owner is None
 
     def path(self, key: EntryKey) -> Path:
         """Where the entry for `key` lives."""
@@ -209,96 +263,242 @@ class DiskTier(Tier):
             raise ValueError(f"not an entry key (64 lowercase hex digits): {key!r}")
         return self.root / key[:2] / f"{key}.safetensors"
 
+    # -- writing -------------------------------------------------------------------------------
     def put(self, entry: KVEntry) -> None:
         from safetensors.torch import save
 
+        path = self.path(entry.meta.key)
+        if path.parent.is_symlink():
+            raise StoreError(f"{path.parent} is a symlink; a store writes only inside its folder: remove it")
+        if path.is_file() and not path.is_symlink():
+            return  # same key, same content: stored already (possibly by another process)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in entry.tensors().items()}
-        metadata = {"format": FILE_FORMAT, "meta": entry.meta.to_json(), "checksum": payload_checksum(tensors)}
+        meta = entry.meta.to_json()
+        metadata = {"format": FILE_FORMAT, "meta": meta, "checksum": payload_checksum(tensors, _signed(meta))}
         data = save(tensors, metadata=metadata)
-        atomic_write(self.path(entry.meta.key), data)
+        try:
+            if not self._claimed:
+                claim_owner(self.root, self.owner)  # type: ignore[arg-type]
+                self._claimed = True
+            if publish(path, data):
+                self.published += 1
+        except OSError as e:
+            raise StoreError(_write_error(self.root, e)) from None
 
+    # -- reading -------------------------------------------------------------------------------
     def get(self, key: EntryKey) -> KVEntry | None:
         return self._load(key, verify=self.verify_on_load)
 
     def _load(self, key: EntryKey, verify: bool) -> KVEntry | None:
-        from safetensors import safe_open
+        from safetensors.torch import load
 
         path = self.path(key)
-        if not path.is_file():
-            return None
+        if path.parent.is_symlink() or not os.path.lexists(path):
+            return None  # a symlink, FIFO or folder in an entry's place is read below, fails, and is moved aside
+        st = None
         try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            data, st = _read_file(path)
+            metadata = _header(data).get("__metadata__") or {}
+            if metadata.get("format") in OLD_FILE_FORMATS:
+                log.info("disk tier: %s has the older file format %s; recomputing it", path.name, metadata["format"])
+                self._remove_if_same(path, st)
+                return None
             if metadata.get("format") != FILE_FORMAT:
                 raise ValueError(f"format {metadata.get('format')!r}, expected {FILE_FORMAT!r}")
             meta = EntryMeta.from_json(metadata["meta"])
             if meta.key != key:
                 raise ValueError(f"file holds entry {meta.key}, not {key}")
-            if verify and payload_checksum(tensors) != metadata.get("checksum"):
-                raise ValueError("payload checksum mismatch")
+            tensors = load(data)  # owned tensors, copied out of `data`
+            del data
+            if verify and payload_checksum(tensors, _signed(metadata["meta"])) != metadata.get("checksum"):
+                raise ValueError("checksum mismatch (payload or metadata changed)")
             n = sum(1 for name in tensors if name.startswith("k."))
-            entry = KVEntry(meta, tuple(tensors[f"k.{i}"] for i in range(n)), tuple(tensors[f"v.{i}"] for i in range(n)),
-                            tensors["token_ids"], tensors["positions"], tensors["replaceable"])
+            return KVEntry(meta, tuple(tensors[f"k.{i}"] for i in range(n)), tuple(tensors[f"v.{i}"] for i in range(n)),
+                           tensors["token_ids"], tensors["positions"], tensors["replaceable"])
         except FileNotFoundError:  # deleted or quarantined by someone else meanwhile
             return None
+        except MemoryError:  # this machine's state, not the file's: do not set a sound file aside
+            raise
         except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
-            self._quarantine(path, exc)
+            self.quarantine(key, f"{type(exc).__name__}: {exc}", _st=st)
             return None
-        return entry
 
-    def _quarantine(self, path: Path, exc: BaseException) -> None:
-        aside = self.root / "corrupt" / path.name
-        log.warning("disk tier: %s is damaged (%s: %s); moved to %s, it will be recomputed",
-                    path, type(exc).__name__, exc, aside)
-        with contextlib.suppress(OSError):
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, aside)
-            return
+    def quarantine(self, key: EntryKey, reason: str, _st: os.stat_result | None = None) -> None:
+        """Move the file of `key` to `corrupt/` (it will be recomputed), logging `reason` once."""
+        self._quarantine(self.path(key), reason, _st)
+
+    def _quarantine(self, path: Path, reason: str, st: os.stat_result | None = None) -> None:
+        if st is not None and not _same_file(path, st):
+            return  # already replaced by another process (quarantined and rewritten): not ours to move
+        corrupt = self.root / CORRUPT_DIR
+        aside = corrupt / path.name
+        log.warning("disk tier: %s is damaged (%s); moved to %s, it will be recomputed", path, reason, aside)
+        if not corrupt.is_symlink():
+            with contextlib.suppress(OSError):
+                corrupt.mkdir(exist_ok=True)
+                os.replace(path, aside)
+                os.utime(aside, follow_symlinks=False)  # mtime = when it was set aside, for pruning
+                self._prune_corrupt()
+                return
         with contextlib.suppress(OSError):
             path.unlink()
+
+    def _prune_corrupt(self) -> None:
+        files = self.corrupt_files()
+        for p, _size, _mtime in files[self.corrupt_keep:]:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def _remove_if_same(self, path: Path, st: os.stat_result) -> None:
+        if _same_file(path, st):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def verify(self, key: EntryKey) -> bool:
         """Fully read and checksum the entry under `key`; a damaged one is moved aside. True if it is sound."""
         return self._load(key, verify=True) is not None
 
-    def verify_all(self) -> dict[EntryKey, bool]:
-        """`verify` every stored entry: key -> sound."""
-        return {key: self.verify(key) for key in self._keys()}
+    def verify_all(self) -> dict[str, bool]:
+        """`verify` every stored file: key (or file name) -> sound. A misfiled file is moved aside."""
+        out: dict[str, bool] = {}
+        for path in self.files():
+            key = path.stem
+            if KEY_RE.match(key) and self.path(EntryKey(key)) == path:
+                out[key] = self.verify(EntryKey(key))
+            else:
+                self._quarantine(path, "misfiled: its name is not the key of its folder")
+                out[path.name] = False
+        return out
+
+    # -- listing -------------------------------------------------------------------------------
+    def files(self) -> Iterator[Path]:
+        """Every `*.safetensors` regular file in the entry folders (misfiled ones included; no symlinks)."""
+        for shard in _scan(self.root):
+            if len(shard.name) == 2 and shard.is_dir(follow_symlinks=False):
+                for f in _scan(Path(shard.path)):
+                    if f.name.endswith(".safetensors") and not f.name.startswith(".") and f.is_file(follow_symlinks=False):
+                        yield Path(f.path)
 
     def _keys(self) -> list[EntryKey]:
-        return sorted(EntryKey(p.stem) for p in self.root.glob("??/*.safetensors") if KEY_RE.match(p.stem))
+        return sorted(EntryKey(p.stem) for p in self.files() if KEY_RE.match(p.stem) and self.path(EntryKey(p.stem)) == p)
 
     def entries(self) -> list[EntryMeta]:
-        from safetensors import safe_open
-
         rows = []
         for key in self._keys():
+            path = self.path(key)
+            st = None
             try:
-                with safe_open(self.path(key), framework="pt") as f:
-                    rows.append(EntryMeta.from_json((f.metadata() or {})["meta"]))
+                head, st = _read_file(path, limit=8 + MAX_HEADER_BYTES)
+                metadata = _header(head).get("__metadata__") or {}
+                if metadata.get("format") in OLD_FILE_FORMATS:
+                    continue  # recomputed (and replaced) when next used
+                rows.append(EntryMeta.from_json(metadata["meta"]))
             except FileNotFoundError:
                 continue
             except Exception as exc:
-                self._quarantine(self.path(key), exc)
+                self._quarantine(path, f"{type(exc).__name__}: {exc}", st)
         return rows
 
+    def corrupt_files(self) -> list[tuple[Path, int, float]]:
+        """Files set aside in `corrupt/`, newest first: (path, bytes, mtime)."""
+        rows = []
+        for f in _scan(self.root / CORRUPT_DIR):
+            if f.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    st = f.stat(follow_symlinks=False)
+                    rows.append((Path(f.path), st.st_size, st.st_mtime))
+        return sorted(rows, key=lambda r: r[2], reverse=True)
+
+    # -- removing ------------------------------------------------------------------------------
     def delete(self, key: EntryKey) -> bool:
+        path = self.path(key)
+        if path.parent.is_symlink():
+            return False  # never delete through a link out of the store
         try:
-            self.path(key).unlink()
+            path.unlink()  # a symlinked file is unlinked itself, its target untouched
             return True
         except FileNotFoundError:
             return False
 
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and bool(KEY_RE.match(key)) and self.path(EntryKey(key)).is_file()
+    def remove_all(self) -> int:
+        """Delete every entry file (misfiled ones too), `corrupt/` and temp files; returns entry files removed.
 
-    def remove_stale_temp(self, older_than_s: float = 3600.0) -> int:
+        A `.safetensors` file in an entry folder that is not an entry of this store's format (its header
+        says so) is someone else's file: it is left alone, with a warning.
+        """
+        removed = 0
+        for path in list(self.files()):
+            try:
+                head, _st = _read_file(path, limit=8 + MAX_HEADER_BYTES)
+                fmt = (_header(head).get("__metadata__") or {}).get("format")
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                fmt = None
+                log.warning("disk tier: %s is not a readable entry (%s); left in place", path, e)
+            if fmt not in (FILE_FORMAT, *OLD_FILE_FORMATS):
+                if fmt is not None:
+                    log.warning("disk tier: %s is not an entry (format %r); left in place", path, fmt)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        for path, _size, _mtime in self.corrupt_files():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.remove_stale_temp(older_than_s=-1)
+        return removed
+
+    def __contains__(self, key: object) -> bool:
+        if not (isinstance(key, str) and KEY_RE.match(key)):
+            return False
+        path = self.path(EntryKey(key))
+        return not path.parent.is_symlink() and path.is_file()
+
+    def remove_stale_temp(self, older_than_s: float = STALE_TEMP_S) -> int:
         """Delete temp files left by killed writers (older than `older_than_s`); returns how many."""
         removed, now = 0, time.time()
-        for tmp in self.root.glob("??/.*.tmp"):
-            with contextlib.suppress(OSError):
-                if now - tmp.stat().st_mtime > older_than_s:
-                    tmp.unlink()
-                    removed += 1
+        folders = [self.root, *(Path(d.path) for d in _scan(self.root)
+                                if len(d.name) == 2 and d.is_dir(follow_symlinks=False))]
+        for folder in folders:
+            for f in _scan(folder):
+                if f.name.startswith(".") and f.name.endswith(".tmp") and f.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        if now - f.stat(follow_symlinks=False).st_mtime > older_than_s:
+                            os.unlink(f.path)
+                            removed += 1
+        if removed:
+            log.info("disk tier: removed %d temp file(s) left by killed writers in %s", removed, self.root)
         return removed
+
+
+def _signed(meta_json: str) -> str:
+    """What the checksum covers besides the tensors: the file format and the metadata."""
+    return f"{FILE_FORMAT}\0{meta_json}"
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    """Entries of `folder` (empty if it is missing, not a folder, or a symlink)."""
+    if folder.is_symlink():
+        return []
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _write_error(root: Path, e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"cannot write to store {root}: the disk is full; free space or use another --store folder"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write to store {root}: {e.strerror}; use a writable --store folder"
+    return f"cannot write to store {root}: {e.strerror or e}"

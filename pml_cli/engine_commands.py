@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,14 +28,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def add_commands(sub) -> None:
     p = sub.add_parser("encode", help="precompute a schema's module states into the store")
     p.add_argument("schema", help="PML schema file")
-    _model_args(p)
+    _model_args(p, writable_store=True)
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=_user_errors(cmd_encode))
 
     p = sub.add_parser("store", help="list, remove or verify stored module states")
     p.add_argument("action", choices=["ls", "rm", "verify"])
     p.add_argument("keys", nargs="*", help="entry keys (or unique prefixes) for rm")
-    p.add_argument("--store", help="store folder (default: a user cache folder)")
+    p.add_argument("--store", help="store folder (default: every per-model store in a user cache folder)")
     p.add_argument("--schema", help="rm: every entry of this schema")
     p.add_argument("--all", action="store_true", help="rm: every entry")
     p.add_argument("--json", action="store_true")
@@ -56,9 +57,9 @@ def add_commands(sub) -> None:
     p.add_argument("--policies", default="independent,schema,blend:0.15,link:16", type=_policy_list,
                    help="comma-separated policy specs (default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (smollm2-135m, gemma3-270m) or model folder")
-    p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--kl-tokens", type=int, default=32, help="KL along at most this many baseline answer tokens")
+    p.add_argument("--store", type=_store_folder, help="store folder (default: a user cache folder, one per model)")
+    p.add_argument("--max-new-tokens", type=_count, default=64)
+    p.add_argument("--kl-tokens", type=_count, default=32, help="KL along at most this many baseline answer tokens")
     _threads_arg(p)
     add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -73,16 +74,96 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("demo", help="the example schema answered with and without the cache")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
-    p.add_argument("--store", help="store folder (default: a user cache folder)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--store", type=_store_folder, help="store folder (default: a user cache folder)")
+    p.add_argument("--max-new-tokens", type=_count, default=48)
     _threads_arg(p)
     add_device_arguments(p)
     p.set_defaults(func=_user_errors(cmd_demo))
 
+    for parser in sub.choices.values():
+        one_line_errors(parser)
 
-def _model_args(p) -> None:
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` report bad arguments as one line, `pml: error: MESSAGE`, and exit 2 (no usage dump)."""
+
+    def error(message: str):
+        parser.exit(2, f"pml: error: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+# -- argument types: checked while parsing, before any model loads or anything is written ---------
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
+def _finite(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return x
+
+
+def _temperature(text: str) -> float:
+    x = _finite(text)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text!r}")
+    return x
+
+
+def _top_p(text: str) -> float:
+    x = _finite(text)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return x
+
+
+def _seed(text: str) -> int:
+    from prompt_cache.generation import MAX_SEED
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {text!r}")
+    return n
+
+
+def _store_folder(text: str) -> Path:
+    from attention_store.store import StoreError, check_store_dir
+
+    try:
+        return check_store_dir(text, writable=False)
+    except StoreError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _writable_store_folder(text: str) -> Path:
+    from attention_store.store import StoreError, check_store_dir
+
+    try:
+        return check_store_dir(text, writable=True)
+    except StoreError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_args(p, writable_store: bool = False) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (smollm2-135m, gemma3-270m) or model folder")
-    p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
+    p.add_argument("--store", type=_writable_store_folder if writable_store else _store_folder,
+                   help="store folder (default: a user cache folder, one per model)")
     p.add_argument("--policy", default=DEFAULT_POLICY, type=_policy_spec, metavar="POLICY",
                    help=f"encoding policy: {', '.join(BUILTIN_SPECS)} (default: %(default)s, the paper's)")
     p.add_argument("--dtype", default=DEFAULT_STORAGE_DTYPE, choices=list(STORAGE_DTYPES),
@@ -122,10 +203,10 @@ def _policy_list(text: str) -> list[str]:
 
 
 def _generation_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=_count, default=64)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=_seed, help="sampling seed, in [0, 2**64 - 1]")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -189,13 +270,19 @@ def _user_errors(handler):
 
     @functools.wraps(handler)
     def run(args) -> int:
-        from attention_store.store import StoreMismatch
+        from attention_store.errors import StoreError
+        from prompt_cache.limits import LimitError
 
         try:
             return handler(args)
-        except (UserError, StoreMismatch) as e:
+        except (UserError, StoreError) as e:
             print(f"pml: error: {e}", file=sys.stderr)
-            return 2
+        except LimitError as e:
+            print(f"pml: error: {e.message}", file=sys.stderr)
+        except OSError as e:  # the machine, not the input: unreadable file, full disk, ...
+            where = f": {e.filename}" if e.filename else ""
+            print(f"pml: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
     return run
 
@@ -245,54 +332,48 @@ def cmd_store(args) -> int:
     _setup_logging()
     import dataclasses
 
-    from attention_store.paths import default_store_dir
-    from attention_store.store import AttentionStore
+    from attention_store import admin
 
-    root = Path(args.store) if args.store else default_store_dir()
-    if not root.is_dir():
-        raise UserError(f"no store at {root}")
-    # Without --store, list every per-model store under the default folder.
-    roots = [root] if args.store or (root / "owner.json").is_file() else sorted(
-        p for p in root.iterdir() if (p / "owner.json").is_file()) or [root]
-    stores = [AttentionStore.from_dir(r) for r in roots]
+    roots = admin.find_stores(args.store)
     if args.action == "verify":  # before anything lists entries (listing quarantines damaged files too)
-        results = {k: ok for st in stores for k, ok in st.disk.verify_all().items()}
+        results = admin.verify(roots)
         bad = [k for k, ok in results.items() if not ok]
         print(f"{len(results)} entries checked, {len(bad)} corrupted"
               + "".join(f"\n  {k} (moved aside; it will be recomputed)" for k in bad))
         return 1 if bad else 0
-    rows = [(r, row) for r, st in zip(roots, stores) for row in st.entries()]
-    if args.action == "ls":
-        if args.json:
-            print(json.dumps([{**dataclasses.asdict(row.meta), "tier": ",".join(row.tiers), "store": str(r)}
-                              for r, row in rows]))
-            return 0
-        print(f"{'key':12}  {'schema':16} {'module':28} {'model':14} {'policy':11} {'dtype':8} {'tokens':>7} {'bytes':>11}  tier")
-        for _, row in rows:
-            m = row.meta
-            print(f"{m.key[:12]}  {m.schema[:16]:16} {(m.module or '(root text)')[:28]:28} {m.model[:14]:14} "
-                  f"{m.policy:11} {m.dtype:8} {m.tokens:>7} {m.nbytes:>11}  {','.join(row.tiers)}")
-        print(f"{len(rows)} entries, {sum(row.meta.nbytes for _, row in rows) / 2**20:.2f} MiB in "
-              f"{', '.join(map(str, roots))}")
+    if args.action == "rm":
+        removed = admin.remove(roots, args.keys, schema=args.schema, everything=args.all)
+        print(f"removed {removed} entries")
         return 0
-    if not (args.keys or args.schema or args.all):
-        print("pml store rm: name entries to remove (KEY prefixes), --schema NAME or --all", file=sys.stderr)
-        return 2
-    removed = 0
-    for st in stores:
-        for row in st.entries():
-            m = row.meta
-            if args.all or (args.schema and m.schema == args.schema) or any(m.key.startswith(k) for k in args.keys):
-                removed += st.delete(m.key)
-    print(f"removed {removed} entries")
+    rows, corrupt = admin.list_entries(roots), admin.list_corrupt(roots)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(row.meta), "tier": ",".join(row.tiers), "store": str(r)}
+                          for r, row in rows]
+                         + [{"key": c.path.name.split(".")[0], "tier": "corrupt", "path": str(c.path),
+                             "nbytes": c.nbytes, "mtime": c.mtime, "store": str(c.store)} for c in corrupt]))
+        return 0
+    print(f"{'key':12}  {'schema':16} {'module':28} {'model':14} {'policy':11} {'dtype':8} {'tokens':>7} {'bytes':>11}  tier")
+    for _, row in rows:
+        m = row.meta
+        print(f"{m.key[:12]}  {m.schema[:16]:16} {(m.module or '(root text)')[:28]:28} {m.model[:14]:14} "
+              f"{m.policy:11} {m.dtype:8} {m.tokens:>7} {m.nbytes:>11}  {','.join(row.tiers)}")
+    print(f"{len(rows)} entries, {sum(row.meta.nbytes for _, row in rows) / 2**20:.2f} MiB in "
+          f"{', '.join(map(str, roots))}")
+    if corrupt:
+        print(f"{len(corrupt)} damaged file(s) set aside (newest first; `pml store rm --all` deletes them):")
+        for c in corrupt:
+            print(f"  {c.path} ({c.nbytes} bytes, {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(c.mtime))})")
     return 0
 
 
 def _generation_config(args):
     from prompt_cache.generation import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    try:
+        return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _print_piece(piece: str) -> None:
@@ -302,11 +383,11 @@ def _print_piece(piece: str) -> None:
 
 def cmd_run(args) -> int:
     _setup_logging()
+    config = _generation_config(args)  # before the model loads: bad values fail first
     pc = _engine(args)
     pc.add_schema(read_pml(args.schema, Schema))
     on_text = _print_piece if args.stream and not args.json else None
-    result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=_generation_config(args),
-                       on_text=on_text)
+    result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=config, on_text=on_text)
     if args.json:
         print(json.dumps({**result.to_json(), "threads": args.threads_used}))
         return 0

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     language_cli.add_commands(sub)
     engine_commands.add_commands(sub)
+    engine_commands.one_line_errors(parser)
     return parser
 
 

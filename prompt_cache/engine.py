@@ -32,7 +32,7 @@ from pml.layout import Layout, compute_layout
 from pml.model import Prompt, Schema
 from pml.parser import parse_prompt, parse_schema
 from pml.prompt import BoundPrompt, bind_prompt
-from prompt_cache import DEFAULT_MODEL, assembler, generation, recovery
+from prompt_cache import DEFAULT_MODEL, assembler, generation, limits, recovery
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.loaded import LoadedModel
 from prompt_cache.models import layer_devices
@@ -123,6 +123,7 @@ class PromptCache:
         """Lay out and plan a schema (PML text or a parsed `Schema`); returns its Layout."""
         schema = source if isinstance(source, Schema) else _parse_text(source, parse_schema)
         layout = compute_layout(schema, self.lm.tokenizer)
+        limits.check_schema(layout, self.lm)  # before planning or any model work
         self.schemas[schema.name] = SchemaState(schema, layout, encoder.plan(layout, self.policy))
         return layout
 
@@ -137,10 +138,11 @@ class PromptCache:
 
     def pin(self, schema: str) -> None:
         """Mark `schema` as hot: its entries stay in the memory tier whatever the LRU order."""
-        self.store.pin(self._schema(schema).layout.schema_name)
+        s = self._schema(schema)
+        self.store.pin_keys([encoder.unit_key(s.plan, u, self.lm, self.storage_dtype) for u in s.plan.units], holder=schema)
 
     def unpin(self, schema: str) -> None:
-        self.store.unpin(schema)
+        self.store.unpin_keys(holder=schema)
 
     # -- phases, in pipeline order -------------------------------------------------------------
     def bind(self, prompt: str | bytes | Prompt) -> tuple[SchemaState, BoundPrompt]:
@@ -152,6 +154,7 @@ class PromptCache:
                            file=getattr(p, "file", None), line=getattr(p, "line", None), element="prompt")
         s = self.schemas[p.schema]
         bound = bind_prompt(p, s.layout, self.lm.tokenizer)
+        limits.check_prompt(s.layout, bound, self.lm)
         if not bound.suffix_ids:
             # Generation needs the logits of a last token, which only a fresh forward produces.
             raise PMLError("the prompt adds no new text: add the question or instruction as text or a "

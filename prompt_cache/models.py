@@ -369,6 +369,32 @@ def _generation_eos(model_dir: Path | str) -> Any:
         return None
 
 
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of hub model `repo_id`: the local Hugging Face cache first, then one hub download.
+
+    Resolving it once, up front, means a hub that cannot be reached (or an unknown id) is one clear
+    FileNotFoundError after one try, instead of transformers retrying each file for most of a minute.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (huggingface_hub raises several types for that)
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"hub model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                                f"set: download it where the hub is reachable (`hf download {repo_id}`), or pass a "
+                                "local model folder")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise FileNotFoundError(f"hub model {repo_id!r} is not in the local Hugging Face cache and could not be "
+                                f"downloaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the id, "
+                                f"download it where the hub is reachable (`hf download {repo_id}`), or pass a local "
+                                "model folder") from None
+
+
 def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device | None = None, device_map: str | None = None) -> LoadedModel:
     """Load a built-in model by name (converting it once), a local Hugging Face model dir, or a hub id.
@@ -407,8 +433,8 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     elif name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model dir {name} does not exist")
     elif "/" in name:
-        model_dir = name  # a hub id, for users who have the hub; resolved to its snapshot dir below
-        fingerprint = ""
+        model_dir = hub_snapshot(name)  # a hub id, for users who have the hub: loaded from its local snapshot
+        fingerprint = files_fingerprint(model_dir)
     else:
         raise _unknown_model(name)
 
@@ -421,12 +447,6 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **placement)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not fingerprint:
-        from transformers.utils import cached_file
-
-        snapshot = Path(cached_file(name, "config.json")).parent
-        model_dir = snapshot
-        fingerprint = files_fingerprint(snapshot)
     hf_tok = HFTokenizer(tokenizer, name, _generation_eos(model_dir))
     return LoadedModel(name=name, model=model, tokenizer=hf_tok, fingerprint=fingerprint, dtype=dtype)
 
@@ -448,6 +468,9 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> HFTo
 
             eos = GenerationConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).eos_token_id
         return HFTokenizer(tok, name, eos)
-    if Path(name).expanduser().is_dir() or "/" in name:
+    if Path(name).expanduser().is_dir():
         return HFTokenizer(AutoTokenizer.from_pretrained(name), name, _generation_eos(name))
+    if "/" in name:
+        snapshot = hub_snapshot(name)
+        return HFTokenizer(AutoTokenizer.from_pretrained(snapshot), name, _generation_eos(snapshot))
     raise _unknown_model(name)

@@ -73,7 +73,7 @@ def tiny_config(arch: str):
         intermediate_size=128,
         num_attention_heads=4,
         head_dim=16,
-        max_position_embeddings=1024,
+        max_position_embeddings=8192,  # SmolLM2's context, so experiment-sized schemas fit the limit check
         initializer_range=INIT_STD,
         pad_token_id=ByteTokenizer.PAD,
         bos_token_id=ByteTokenizer.BOS,

@@ -213,19 +213,19 @@ def test_memory_tier_lru_eviction_within_budget():
 def test_memory_tier_pinning(caplog):
     size = make_entry().nbytes
     mem = MemoryTier(budget_bytes=2 * size)
-    mem.pin("keep")
     p1, p2 = make_entry(seed=1, schema="keep"), make_entry(seed=2, schema="keep")
     other = make_entry(seed=3, schema="other")
+    p3 = make_entry(seed=4, schema="keep")
+    mem.pin_keys([p1.meta.key, p2.meta.key, p3.meta.key], holder="keep")
     mem.put(p1)
     mem.put(other)
     mem.put(p2)
     # expected: the unpinned entry goes even though p1 is older
     assert set(mem.keys_lru()) == {p1.meta.key, p2.meta.key}
     with caplog.at_level(logging.WARNING, logger="attention_store.store"):
-        p3 = make_entry(seed=4, schema="keep")
         mem.put(p3)  # pinned alone exceed the budget: kept, with a warning
     assert len(mem) == 3 and any("pinned" in r.getMessage() for r in caplog.records)
-    mem.unpin("keep")
+    mem.unpin_keys(holder="keep")
     assert len(mem) == 2 and mem.total_bytes <= mem.budget_bytes
     assert p1.meta.key not in mem  # the least recently used goes first
 

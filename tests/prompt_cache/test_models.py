@@ -218,3 +218,27 @@ def test_load_model_from_a_local_dir(cache_home, tmp_path):
     assert load_tokenizer(model_dir).fingerprint == lm.tokenizer.fingerprint
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing")
+
+
+def test_an_uncached_hub_id_offline_fails_at_once_with_what_to_do(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub.constants
+    import transformers
+
+    from prompt_cache.models import load_model, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def no_retries(*a, **k):
+        raise AssertionError("transformers was asked to fetch from the hub")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_retries)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_retries)
+    t = time.perf_counter()
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE .*hf download someorg/no-such-model"):
+            load("someorg/no-such-model")
+    assert time.perf_counter() - t < 5
