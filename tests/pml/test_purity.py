@@ -12,7 +12,7 @@ PML = Path(__file__).resolve().parents[2] / "pml"
 
 def test_importing_pml_loads_no_model_libraries():
     code = (
-        "import pml, pml.parser, pml.layout, pml.prompt, pml.builder, pml.cli, pml.model, pml.errors; import sys; "
+        "import pml, pml.parser, pml.layout, pml.prompt, pml.builder, pml.cli, pml.model, pml.errors, pml.limits; import sys; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, "
         "sorted(m for m in sys.modules if m.startswith(('torch', 'transformers')))"
     )
