@@ -291,3 +291,14 @@ def test_run_to_stdout(tmp_path, capsys):
     cap = capsys.readouterr()
     parse_schema(cap.out)
     assert "note: wrote cache='no'" in cap.err
+
+
+def test_selecting_two_union_members_converts_but_does_not_bind(tok):
+    from pml.prompt import bind_prompt
+
+    schema = convert("<schema name='s'><union><module name='a'>A</module><module name='b'>B</module></union></schema>")
+    prompt = convert("<prompt schema='s'><a/><b/></prompt>")
+    layout = compute_layout(parse_schema(schema.text), tok)
+    # Expected: their engine would use both (overlapping positions); PML unions are exclusive.
+    with pytest.raises(PMLError, match="same union"):
+        bind_prompt(parse_prompt(prompt.text), layout, tok)
