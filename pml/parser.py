@@ -9,13 +9,16 @@ inside a chat tag loses that final ``"\\n"``, because the chat suffix ends the t
 
 from __future__ import annotations
 
+import html.entities
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 from lxml import etree
 
+from pml import limits
 from pml.errors import PMLError
 from pml.model import (
     RESERVED_NAMES,
@@ -31,7 +34,7 @@ from pml.model import (
     Union,
 )
 
-__all__ = ["parse_schema", "parse_prompt", "parse_file", "normalize_text", "is_ncname"]
+__all__ = ["parse_schema", "parse_prompt", "parse_file", "normalize_text", "is_ncname", "read_regular_file"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,66 @@ _DTD_MESSAGE = (
     "DOCTYPE, DTD and entity declarations are not allowed in PML (they could read files "
     "or expand without bound): remove the <!DOCTYPE ...> declaration"
 )
+
+
+# A str is already decoded, so the declaration's encoding= no longer describes it; lxml would
+# trust it on the UTF-8 bytes we hand over (ISO-8859-1 would turn "café" into "cafÃ©").
+_STR_DECL = re.compile(r"\A(\ufeff?<\?xml\b[^?]*?\bencoding\s*=\s*)([\"'])([^\"']*)\2")
+_ENTITY = re.compile(r"Entity '([^']*)' not defined")
+_MiB = 1024 * 1024
+
+
+def _size(n: int) -> str:
+    return f"{n / _MiB:g} MiB" if n >= _MiB and n % (_MiB // 16) == 0 else f"{n} bytes"
+
+
+def _hint(msg: str) -> str:
+    """One line on the usual cause of an lxml syntax error, or "" when there is no usual cause."""
+    if "StartTag: invalid element name" in msg or "Unescaped '<'" in msg:
+        return "a '<' that is text must be written &lt;, or wrap the text in <![CDATA[...]]>"
+    if "EntityRef" in msg:
+        return "a '&' that is text must be written &amp;"
+    m = _ENTITY.search(msg)
+    if m:
+        name = m.group(1)
+        char = html.entities.html5.get(name + ";")
+        if char is not None and len(char) == 1:
+            return f"&{name}; is an HTML entity, not XML: use the character itself or &#{ord(char)};"
+        return "XML defines only &lt; &gt; &amp; &quot; &apos; and &#N;: write a literal '&' as &amp;"
+    if "CharRef" in msg:
+        return "a character reference is &#N; (decimal) or &#xN; (hexadecimal)"
+    if "Specification mandates value" in msg or "Couldn't find end of Start Tag" in msg:
+        return "if the '<' before this is text, write it &lt;"
+    if "Opening and ending tag mismatch" in msg:
+        return "every tag must be closed in order; a '<' in text opens a tag, so write it &lt;"
+    return ""
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, what: str, advice: str) -> bytes:
+    """Read a regular file of at most ``limit`` bytes; FIFOs, devices and larger files are refused.
+
+    The type is checked with ``stat`` before opening, so a FIFO is never opened (opening one for
+    reading blocks until a writer appears); ``what`` ("file", "src file ...") and ``advice`` go into
+    the error message. Raises OSError for a missing or unreadable file.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise PMLError(f"{what} is not a regular file (a FIFO, device or folder): give a regular file")
+    too_big = PMLError(
+        f"{what} is larger than the {_size(limit)} limit ({advice})"
+    )
+    if st.st_size > limit:
+        raise too_big
+    # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open still returns at once
+    # and the fstat below refuses it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise PMLError(f"{what} is not a regular file (a FIFO, device or folder): give a regular file")
+        data = f.read(limit + 1)  # a file that grew since the stat is still read only this far
+    if len(data) > limit:
+        raise too_big
+    return data
 
 
 def _parser() -> etree.XMLParser:
@@ -105,6 +168,10 @@ class _Ctx:
 
 def _load(source: str | bytes, ctx: _Ctx) -> etree._Element:
     if isinstance(source, str):
+        decl = _STR_DECL.match(source)
+        if decl and decl.group(3).lower().replace("_", "-") not in ("utf-8", "utf8"):
+            log.debug("ignoring encoding=%r of the XML declaration: the text is already decoded", decl.group(3))
+            source = source[: decl.start(3)] + "UTF-8" + source[decl.end(3) :]
         try:
             source = source.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -120,7 +187,13 @@ def _load(source: str | bytes, ctx: _Ctx) -> etree._Element:
     except etree.XMLSyntaxError as e:
         msg = e.msg or str(e)
         msg = re.sub(r"\s*\(<string>, line \d+\)$", "", msg)
-        raise PMLError(f"malformed XML: {msg}", file=ctx.file, line=e.lineno) from None
+        if "Excessive depth" in msg:
+            raise PMLError(
+                f"nesting deeper than {limits.MAX_NESTING_DEPTH} levels is not supported: flatten the document",
+                file=ctx.file, line=e.lineno,
+            ) from None
+        hint = _hint(msg)
+        raise PMLError(f"malformed XML: {msg}" + (f" (hint: {hint})" if hint else ""), file=ctx.file, line=e.lineno) from None
     except (etree.LxmlError, ValueError) as e:
         raise PMLError(f"malformed XML: {e}", file=ctx.file) from None
     if root is None:
@@ -262,11 +335,16 @@ class _SchemaParser:
                 f"src={src!r} leaves the schema's folder {str(ctx.base)!r}: move the file next to the schema",
                 el,
             )
-        if not target.is_file():
+        if not target.exists():
             raise ctx.error(f"src file {src!r} not found (looked for {str(target)!r})", el)
         try:
-            data = target.read_bytes()
+            data = read_regular_file(
+                target, limits.MAX_SRC_FILE_BYTES, f"src file {src!r}",
+                "pml.limits.MAX_SRC_FILE_BYTES: split the text over several modules",
+            )
             text = data.decode("utf-8")
+        except PMLError as e:
+            raise ctx.error(e.message, el) from None
         except OSError as e:
             raise ctx.error(f"cannot read src file {src!r}: {e.strerror}", el) from None
         except UnicodeDecodeError as e:
@@ -300,16 +378,24 @@ class _SchemaParser:
         _check_attrs(el, ("name", "length", "scaffold"), ctx)
         name = _check_name(el.get("name"), el, ctx, "parameter")
         length = el.get("length")
-        if length is None or not re.fullmatch(r"\s*[0-9]+\s*", length) or int(length) <= 0:
+        # Compared as digit strings: Python refuses int() of thousands of digits.
+        digits = length.strip().lstrip("0") if length is not None and re.fullmatch(r"\s*[0-9]+\s*", length) else None
+        if not digits:
             raise ctx.error(
                 f"parameter {name!r} needs length=\"N\" with N a positive number of tokens, not {length!r}", el
+            )
+        if len(digits) > 12 or int(digits) > limits.MAX_PARAMETER_LENGTH:
+            raise ctx.error(
+                f"parameter {name!r} has length={length.strip()!r}, more than the limit of "
+                f"{limits.MAX_PARAMETER_LENGTH} tokens (pml.limits.MAX_PARAMETER_LENGTH): use a smaller length",
+                el,
             )
         if len(el) or (el.text and el.text.strip()):
             raise ctx.error(f"parameter {name!r} takes no content: put default text in scaffold=\"...\"", el)
         scaffold = el.get("scaffold")
         if scaffold is not None and not scaffold.strip():
             raise ctx.error(f"parameter {name!r} has an empty scaffold: give text or remove the attribute", el)
-        return Parameter(name, int(length), scaffold, el.sourceline)
+        return Parameter(name, int(digits), scaffold, el.sourceline)
 
     def check_scope(self, children: list[SchemaNode], el: etree._Element) -> None:
         """Module names are unique among siblings, union members and chat contents included."""
@@ -437,7 +523,12 @@ def parse_file(path: str | os.PathLike[str]) -> Schema | Prompt:
     """Parse a file holding either a ``<schema>`` or a ``<prompt>`` (decided by its root element)."""
     ctx = _Ctx(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(
+            path, limits.MAX_PML_FILE_BYTES, "file",
+            "pml.limits.MAX_PML_FILE_BYTES: move long text into <module src=\"...\"> files",
+        )
+    except PMLError as e:
+        raise e.with_file(str(path)) from None
     except OSError as e:
         raise PMLError(f"cannot read file: {e.strerror}", file=str(path)) from None
     root = _load(data, ctx)

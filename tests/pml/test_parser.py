@@ -304,3 +304,46 @@ def test_parsing_is_pure_data():
     # Parsing needs no tokenizer: the same text gives equal trees.
     src = '<schema name="s"><module name="a">x <parameter name="p" length="2"/></module></schema>'
     assert parse_schema(src) == parse_schema(src.encode())
+
+
+# --------------------------------------------------------------------------- encodings and XML hints
+
+
+def _schema_error(src: str) -> PMLError:
+    with pytest.raises(PMLError) as info:
+        parse_schema(src)
+    return info.value
+
+
+def test_str_with_an_encoding_declaration_is_read_as_text():
+    # A str is already decoded: its declaration's encoding must not re-decode it (was "cafÃ©").
+    s = parse_schema('<?xml version="1.0" encoding="ISO-8859-1"?>\n<schema name="s">café</schema>')
+    assert s.children == (Text("café"),)
+
+
+def test_bytes_keep_their_declared_encoding():
+    data = '<?xml version="1.0" encoding="ISO-8859-1"?><schema name="s">café</schema>'.encode("latin-1")
+    assert parse_schema(data).children == (Text("café"),)
+
+
+@pytest.mark.parametrize(
+    "body, cause, hint",
+    [
+        ("if 0 <= x: pass", "StartTag", "&lt;"),
+        ("x < y", "StartTag", "<![CDATA[...]]>"),
+        ("a & b", "EntityRef", "&amp;"),
+        ("a &b c", "EntityRef", "&amp;"),
+        ("a&nbsp;b", "nbsp", "use the character itself or &#160;"),
+        ("a &bogus; b", "bogus", "&amp;"),
+        ("a &#xZZ; b", "CharRef", "&#xN;"),
+    ],
+)
+def test_malformed_xml_names_the_usual_cause(body, cause, hint):
+    e = _schema_error(f'<schema name="s">\n{body}</schema>')
+    assert e.line == 2 and "malformed XML" in e.message and cause in e.message
+    assert hint in e.message
+
+
+def test_raw_lt_in_an_attribute_gets_a_hint():
+    e = _schema_error('<schema name="s"><module name="a"><parameter name="p" length="3" scaffold="a<b"/></module></schema>')
+    assert "&lt;" in e.message
