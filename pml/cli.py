@@ -1,4 +1,4 @@
-"""The language commands of ``pml``: ``validate`` and ``layout`` (pure: tokenizers come from a loader).
+"""The language commands of ``pml``: ``validate``, ``layout``, ``import-authors`` (pure: tokenizers come from a loader).
 
 The ``pml`` console command (``pml_cli``) registers these beside the engine commands and passes a
 tokenizer loader; ``python -m pml.cli`` runs them alone, needing a loader only for ``--model``.
@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from pml import compat
 from pml.errors import PMLError
 from pml.layout import Layout, Tokenizer, compute_layout
 from pml.model import Prompt, Schema
@@ -137,6 +138,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     lay.add_argument("--model", metavar="NAME", help="tokenizer (default: the default model's)")
     lay.add_argument("--json", action="store_true", help="print JSON: one object per segment")
     lay.set_defaults(func=_cmd_layout)
+
+    imp = sub.add_parser(
+        "import-authors",
+        help="convert PML in the paper authors' dialect to strict PML",
+        description="Convert schemas and prompts written the way the Prompt Cache authors' code writes them "
+        "(chat tags as text substitutions, raw < and &, ...) into strict PML, reporting every change.",
+    )
+    compat.add_arguments(imp)
 
 
 def build_parser() -> argparse.ArgumentParser:

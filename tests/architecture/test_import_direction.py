@@ -41,7 +41,10 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(up + ([base] if base else []))
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            # `from pkg import sub` depends on the submodule; the package itself only when a name
+            # is not a submodule (a package's __init__ running first is not a dependency cycle).
+            subs = [f"{base}.{a.name}" for a in node.names]
+            targets = subs + ([base] if any(t not in known for t in subs) else [])
         for t in targets:
             parts = t.split(".")
             for i in range(len(parts), 0, -1):
