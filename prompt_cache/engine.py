@@ -26,6 +26,8 @@ from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, storage_dtype as parse
 from attention_store.store import AttentionStore, open_store
 from attention_store.tiers import DEFAULT_MEMORY_BUDGET, MemoryTier
 from prompt_cache import assembler, generation
+from prompt_cache import speculative as _speculative  # hook: speculative decoding
+from prompt_cache.semantic import engine_hook as _l1  # hook: semantic response cache (L1)
 from prompt_cache.generation import GenerationConfig
 from pml.errors import PMLError
 from pml.layout import compute_layout
@@ -58,10 +60,13 @@ class Result:
     usage: Usage
     timing: Timing
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    semantic_cache: str | None = None  # hook (L1): "hit", "miss", or None when no semantic cache is set
+    speculative: dict | None = None  # hook: SpeculativeStats.to_json() when decoding was speculative
 
     def to_json(self) -> dict:
         return {"text": self.text, "usage": asdict(self.usage), "timing": asdict(self.timing),
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason,
+                "semantic_cache": self.semantic_cache, "speculative": self.speculative}  # hooks
 
 
 @dataclass
@@ -87,7 +92,8 @@ class PromptCache:
     """A model, its attention store and the schemas added to it."""
 
     def __init__(self, lm, store: AttentionStore | None = None, policy: str = encoder.DEFAULT_POLICY,
-                 storage_dtype: str = DEFAULT_STORAGE_DTYPE, sink: bool = True):
+                 storage_dtype: str = DEFAULT_STORAGE_DTYPE, sink: bool = True,
+                 semantic_cache=None, speculative: _speculative.SpeculativeConfig | None = None):
         if policy not in encoder.POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(encoder.POLICIES)}")
         self.lm = lm
@@ -96,6 +102,8 @@ class PromptCache:
         self.sink = sink  # independent policy: modules also see the leading root text (see encoder.plan)
         self.storage_dtype = parse_storage_dtype(storage_dtype)
         self.schemas: dict[str, _Schema] = {}
+        self.semantic_cache = semantic_cache  # hook: a semantic.SemanticCache consulted first by `answer`
+        self.speculative = speculative  # hook: decode with a drafter (prompt_cache/speculative.py)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, store_dir: str | Path | None = None, **kwargs) -> "PromptCache":
@@ -163,6 +171,9 @@ class PromptCache:
                on_text: Callable[[str], None] | None = None) -> Result:
         """Generate for one prompt. `on_text` receives text pieces as they are decoded (streaming)."""
         s, bound = self.bind(prompt)
+        l1 = _l1.request(self, prompt, s, bound, use_cache, config) if self.semantic_cache is not None else None  # hook
+        if l1 is not None and (hit := l1.lookup(on_text)) is not None:  # hook: answered without the model
+            return hit
         encode_ms = 0.0
         t0 = time.perf_counter()
         if use_cache:
@@ -178,7 +189,9 @@ class PromptCache:
         logits, state = generation.prefill(self.lm, ready.cache, ready.cache_positions, ready.fresh_ids,
                                            ready.fresh_positions, ready.next_position)
         t2 = time.perf_counter()
-        tokens, text, reason, t_first = self._decode(state, logits, config, on_text)
+        stream, spec = (_speculative.start(self.speculative, self, s, bound, use_cache, state, logits, config)
+                        if self.speculative is not None else (None, None))  # hook: speculative decode loop
+        tokens, text, reason, t_first = self._decode(state, logits, config, on_text, stream)
         t_end = time.perf_counter()
         decode_s = t_end - t_first
         timing = Timing(
@@ -187,7 +200,9 @@ class PromptCache:
             encode_ms=encode_ms)
         usage = Usage(prompt_tokens=ready.cached_tokens + ready.fresh_ids.numel(),
                       cached_tokens=ready.cached_tokens, completion_tokens=len(tokens))
-        return Result(text, tuple(tokens), usage, timing, reason)
+        result = Result(text, tuple(tokens), usage, timing, reason,
+                        speculative=spec.to_json() if spec is not None else None)  # hook
+        return l1.remember(result) if l1 is not None else result  # hook: L1 stores the answer
 
     def answer_batch(self, prompts: Iterable[str | Path], use_cache: bool = True,
                      config: GenerationConfig = GenerationConfig()) -> list[Result]:
@@ -210,11 +225,11 @@ class PromptCache:
         return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _decode(self, state, logits, config, on_text):
+    def _decode(self, state, logits, config, on_text, stream=None):  # hook: `stream`
         tok = self.lm.tokenizer
         tokens: list[int] = []
         text, sent, reason, t_first = "", "", "length", None
-        for token in generation.decode(self.lm, state, logits, config):
+        for token in stream if stream is not None else generation.decode(self.lm, state, logits, config):  # hook
             if t_first is None:
                 t_first = time.perf_counter()
             tokens.append(token)
