@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paragraphs", type=int, default=150, help="SQuAD paragraphs used (default: %(default)s)")
     parser.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated cosine thresholds")
     parser.add_argument("--index", default="auto", choices=["auto", "faiss", "flat"], help="vector index (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/semantic)")
 
@@ -154,8 +155,13 @@ def evaluate(paras: list[list[dict]], embedder, threshold: float, index_kind: st
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from prompt_cache.semantic.cache import normalize_question
     from prompt_cache.semantic.embedder import MiniLMEmbedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = data_dir(args.data) / "squad_v2" / "dev-v2.0.cs224n.json"
     if not path.is_file():
