@@ -77,8 +77,23 @@ class MemoEmbedder:
 
     def prime(self, texts) -> None:
         todo = sorted({t for t in texts if t not in self.memo})
-        for t, v in zip(todo, self.inner.embed(todo)):
+        for t, v in zip(todo, self.inner.embed(todo) if todo else []):
             self.memo[t] = v
+
+    def load(self, path) -> None:
+        """Vectors saved by an earlier run with the same embedder (embedding is the slow part)."""
+        import numpy as np
+
+        if path.is_file():
+            saved = np.load(path, allow_pickle=False)
+            if str(saved["embedder"]) == self.name:
+                self.memo.update(zip(saved["texts"].tolist(), saved["vectors"]))
+
+    def save(self, path) -> None:
+        import numpy as np
+
+        texts = sorted(self.memo)
+        np.savez(path, embedder=self.name, texts=np.array(texts), vectors=np.stack([self.memo[t] for t in texts]))
 
     def embed(self, texts):
         import numpy as np
@@ -171,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     paras = load_paragraphs(path, args.paragraphs)
     embedder = MemoEmbedder(MiniLMEmbedder())
     texts = [q["question"] for p in paras for q in p]
+    embedder.load(out / "embeddings.npz")
     embedder.prime([normalize_question(t) for q in texts for t in [q, *(r(q) for r in REWRITES.values())]])
+    embedder.save(out / "embeddings.npz")
     print(f"{len(paras)} paragraphs, {len(texts)} questions, {len(embedder.memo)} distinct texts embedded",
           file=sys.stderr)
     rows = [evaluate(paras, embedder, t, args.index) for t in thresholds]
