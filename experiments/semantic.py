@@ -169,6 +169,20 @@ def evaluate(paras: list[list[dict]], embedder, threshold: float, index_kind: st
     return row
 
 
+def closest_negatives(paras: list[list[dict]], embedder, n: int = 8) -> list[dict]:
+    """The `n` most similar pairs of different questions about one paragraph (what false hits look like)."""
+    from prompt_cache.semantic.cache import normalize_question
+
+    pairs = []
+    for para in paras:
+        for a, b in itertools.combinations(para, 2):
+            if _norm(a["question"]) != _norm(b["question"]):
+                va, vb = embedder.embed([normalize_question(a["question"]), normalize_question(b["question"])])
+                pairs.append({"similarity": round(float(va @ vb), 3), "answerable": f"{a['answerable']}/{b['answerable']}",
+                              "first": a["question"], "second": b["question"]})
+    return sorted(pairs, key=lambda r: -r["similarity"])[:n]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -192,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(paras)} paragraphs, {len(texts)} questions, {len(embedder.memo)} distinct texts embedded",
           file=sys.stderr)
     rows = [evaluate(paras, embedder, t, args.index) for t in thresholds]
+    examples = closest_negatives(paras, embedder)
     outputs.write_csv(out / "summary.csv", rows)
     main_cols = ["threshold", "pairs", "false_hit_rate_pairs", "answerable_pairs", "false_hit_rate_answerable_pairs",
                  "loo_lookups", "false_hit_rate_loo", "rewrites", "hit_rate_rewrites", "wrong_hit_rate_rewrites"]
@@ -202,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
              f"Rewrites: " + "; ".join(f"{k}: {REWRITES[k]('What is the Rhine?')!r}" for k in REWRITES) + ".\n")
     outputs.write_report(out / "report.md", "Semantic cache thresholds", model="all-MiniLM-L6-v2", dtype="float32",
                          sections=[("Setup", setup), ("False hits and hits", outputs.markdown_table(rows, main_cols)),
-                                   ("Hit rate per rewrite", outputs.markdown_table(rows, per_rewrite))])
+                                   ("Hit rate per rewrite", outputs.markdown_table(rows, per_rewrite)),
+                                   ("The most similar different-question pairs", outputs.markdown_table(examples))])
     print((out / "report.md").read_text())
     return 0
