@@ -18,6 +18,8 @@ EXPERIMENTS = {
     "speed": "the speed benchmark: cached vs full-prefill TTFT on one 4,000-token module, with targets",
     "sink": "fidelity of the independent policy with and without the leading root text as attention sink",
     "recovery": "recovery policies (blend:R, link:K) against independent and schema: fidelity vs TTFT",
+    "semantic": "semantic cache (L1): false-hit rate on different SQuAD questions, hit rate on surface rewrites",
+    "speculative": "speculative decoding (prompt lookup): acceptance and decode tokens/s against plain greedy",
 }
 
 

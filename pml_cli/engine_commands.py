@@ -49,6 +49,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="full prefill baseline (no stored states)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="one JSON object: text, usage, timing")
+    _speculative_args(p)
     p.set_defaults(func=_user_errors(cmd_run))
 
     p = sub.add_parser("compare", help="one prompt under several policies against the full prefill")
@@ -224,6 +225,45 @@ def read_pml(path: str | Path, kind: type):
     return doc
 
 
+def _speculative_args(p) -> None:
+    p.add_argument("--speculative", metavar="DRAFTER[:K]",
+                   help="greedy-exact speculative decoding: lookup[:K] (n-gram prompt lookup) or model[:K] "
+                        "(with --draft-model); K drafted tokens per verification (default 4)")
+    p.add_argument("--draft-model", metavar="M", help="draft model sharing the tokenizer (implies model:4)")
+    p.add_argument("--draft-store", type=_store_folder,
+                   help="store folder of the draft model (default: its own user cache folder)")
+
+
+def _speculative_config(args, pc):
+    """A SpeculativeConfig from --speculative/--draft-model (None when neither is given)."""
+    from prompt_cache.speculative import DRAFTERS, SpeculativeConfig
+
+    spec = args.speculative or ("model" if args.draft_model else None)
+    if spec is None:
+        return None
+    drafter, _, k = spec.partition(":")
+    if drafter not in DRAFTERS or (k and not k.isdigit()):
+        raise UserError(f"--speculative {spec!r}: expected lookup[:K] or model[:K] with K a whole number")
+    k = int(k) if k else 4
+    if not 1 <= k <= 64:
+        raise UserError(f"--speculative {spec!r}: K must be in 1..64")
+    if args.temperature > 0:
+        raise UserError("speculative decoding is greedy-exact only: drop --temperature or --speculative")
+    if (drafter == "model") != bool(args.draft_model):
+        raise UserError("--speculative model needs --draft-model, and --draft-model goes with model[:K] only")
+    if drafter == "lookup":
+        return SpeculativeConfig(k=k)
+    from attention_store.store import open_store
+    from prompt_cache.engine import PromptCache
+
+    draft_lm = _load(args.draft_model, device=args.device, device_map=args.device_map, dtype=args.model_dtype)
+    if draft_lm.tokenizer.fingerprint != pc.lm.tokenizer.fingerprint:
+        raise UserError(f"draft model {args.draft_model!r} does not share the tokenizer of {args.model!r}")
+    draft = PromptCache(draft_lm, open_store(args.draft_store, draft_lm), policy=pc.policy,
+                        storage_dtype=getattr(args, "dtype", DEFAULT_STORAGE_DTYPE))
+    return SpeculativeConfig(k=k, drafter="model", draft=draft)
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="pml: %(message)s", stream=sys.stderr)
 
@@ -385,7 +425,11 @@ def cmd_run(args) -> int:
     _setup_logging()
     config = _generation_config(args)  # before the model loads: bad values fail first
     pc = _engine(args)
-    pc.add_schema(read_pml(args.schema, Schema))
+    pc.speculative = _speculative_config(args, pc)
+    schema = read_pml(args.schema, Schema)
+    pc.add_schema(schema)
+    if pc.speculative is not None and pc.speculative.draft is not None:
+        pc.speculative.draft.add_schema(schema)  # the draft caches its own module states
     on_text = _print_piece if args.stream and not args.json else None
     result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=config, on_text=on_text)
     if args.json:
@@ -397,6 +441,10 @@ def cmd_run(args) -> int:
           f"({u.cached_tokens} cached), {u.completion_tokens} generated; TTFT {t.ttft_ms:.1f} ms "
           f"(cache {t.cache_ms:.1f} + prefill {t.prefill_ms:.1f}), {t.decode_tokens_per_s:.1f} tok/s",
           file=sys.stderr)
+    if result.speculative is not None:
+        sp = result.speculative
+        print(f"[speculative {sp['drafter']}:{sp['k']}] {sp['accepted']}/{sp['proposed']} drafts accepted "
+              f"({sp['acceptance_rate']:.0%}), {sp['forwards']} verification forwards", file=sys.stderr)
     return 0
 
 

@@ -33,9 +33,11 @@ from pml.model import Prompt, Schema
 from pml.parser import parse_prompt, parse_schema
 from pml.prompt import BoundPrompt, bind_prompt
 from prompt_cache import DEFAULT_MODEL, assembler, generation, limits, recovery
+from prompt_cache import speculative as _speculative
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.loaded import LoadedModel
 from prompt_cache.models import layer_devices
+from prompt_cache.semantic import engine_hook as _l1
 from prompt_cache.timing import Clock
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,13 @@ class Result:
     usage: Usage
     timing: Timing
     finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    semantic_cache: str | None = None  # "hit", "miss", or None when no semantic cache is set
+    speculative: dict | None = None  # SpeculativeStats.to_json() when decoding was speculative
 
     def to_json(self) -> dict:
         return {"text": self.text, "usage": asdict(self.usage), "timing": asdict(self.timing),
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason,
+                "semantic_cache": self.semantic_cache, "speculative": self.speculative}
 
 
 @dataclass
@@ -96,11 +101,14 @@ class PromptCache:
     """A model, its attention store and the schemas added to it.
 
     Inputs are PML text or parsed objects (`pml.parser.parse_file` reads a file, resolving `src=`
-    paths against its folder); this class never opens a file.
+    paths against its folder); this class never opens a file. `semantic_cache` (a
+    `prompt_cache.semantic.SemanticCache`) is consulted before any model work; `speculative` (a
+    `prompt_cache.speculative.SpeculativeConfig`) decodes with a drafter, greedy-exact.
     """
 
     def __init__(self, lm: LoadedModel, store: AttentionStore | None = None,
-                 policy: str | EncodingPolicy = DEFAULT_POLICY, storage_dtype: str = DEFAULT_STORAGE_DTYPE):
+                 policy: str | EncodingPolicy = DEFAULT_POLICY, storage_dtype: str = DEFAULT_STORAGE_DTYPE,
+                 semantic_cache=None, speculative: _speculative.SpeculativeConfig | None = None):
         self.lm = lm
         self.store = store if store is not None else AttentionStore(MemoryTier(DEFAULT_MEMORY_BUDGET), None)
         self.policy = get_policy(policy)
@@ -109,6 +117,8 @@ class PromptCache:
         # Where each layer attends (several devices under a device map); assembly puts layer i's K/V there.
         self.layer_devices = layer_devices(lm.model)
         self.clock = Clock(lm.model.device)
+        self.semantic_cache = semantic_cache  # consulted first by `answer`
+        self.speculative = speculative  # decode with a drafter (prompt_cache/speculative.py)
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, store_dir: str | Path | None = None, **kwargs) -> "PromptCache":
@@ -201,6 +211,9 @@ class PromptCache:
         """Generate for one prompt, in one pass: bind, look up, encode what is missing, assemble,
         prefill, decode. `on_text` receives text pieces as they are decoded (streaming)."""
         s, bound = self.bind(prompt)
+        l1 = _l1.request(self, prompt, s, bound, use_cache, config) if self.semantic_cache is not None else None
+        if l1 is not None and (hit := l1.lookup(on_text)) is not None:  # answered without the model
+            return hit
         clock = self.clock
         encode_ms = 0.0
         t0 = clock.now()
@@ -219,7 +232,9 @@ class PromptCache:
         t1 = clock.now()
         logits, state = self.prefill(ready)
         t2 = clock.now()
-        tokens, text, reason, t_first = self._decode(state, logits, config, on_text)
+        stream, spec = (_speculative.start(self.speculative, self, s, bound, use_cache, state, logits, config)
+                        if self.speculative is not None else (None, None))
+        tokens, text, reason, t_first = self._decode(state, logits, config, on_text, stream)
         t_end = clock.now()
         decode_s = t_end - t_first
         timing = Timing(
@@ -230,7 +245,9 @@ class PromptCache:
         usage = Usage(prompt_tokens=ready.cached_tokens + ready.fresh_ids.numel(),
                       cached_tokens=ready.cached_tokens - recomputed, completion_tokens=len(tokens),
                       recomputed_tokens=recomputed)
-        return Result(text, tuple(tokens), usage, timing, reason)
+        result = Result(text, tuple(tokens), usage, timing, reason,
+                        speculative=spec.to_json() if spec is not None else None)
+        return l1.remember(result) if l1 is not None else result  # the semantic cache keeps the answer
 
     def answer_batch(self, prompts: Iterable[str | bytes | Prompt], use_cache: bool = True,
                      config: GenerationConfig = GenerationConfig()) -> list[Result]:
@@ -251,11 +268,11 @@ class PromptCache:
         return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _decode(self, state, logits, config, on_text):
+    def _decode(self, state, logits, config, on_text, stream=None):
         tok = self.lm.tokenizer
         tokens: list[int] = []
         text, sent, reason, t_first = "", "", "length", None
-        for token in generation.decode(self.lm, state, logits, config):
+        for token in stream if stream is not None else generation.decode(self.lm, state, logits, config):
             if t_first is None:
                 t_first = self.clock.now()
             tokens.append(token)

