@@ -7,7 +7,6 @@ transformers; `kv_heads = num_key_value_heads` and `head_dim` come from the mode
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
@@ -143,14 +142,19 @@ class KVEntry:
 
 
 def payload_checksum(tensors: Mapping[str, torch.Tensor], header: str = "") -> str:
-    """sha256 over `header` (the file format and the entry's metadata JSON) and every tensor.
+    """XXH3-128 over `header` (the file format and the entry's metadata JSON) and every tensor.
 
     The header is inside the hash so that metadata (schema, module, key) cannot be edited without
-    the checksum failing.
+    the checksum failing. XXH3 (the `xxhash` package) rather than sha256: this guards against
+    damage, not against an attacker who can write the store (token ids and positions are checked
+    against the plan separately), and it runs at memory speed: 20 ms for a 191 MB entry here
+    against 130 ms for sha256. Tensors are hashed through their buffers, without a bytes copy.
     """
-    h = hashlib.sha256(header.encode())
+    import xxhash
+
+    h = xxhash.xxh3_128(header.encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

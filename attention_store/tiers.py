@@ -25,8 +25,12 @@ from attention_store.owner import claim_owner
 
 log = logging.getLogger(__name__)
 
-FILE_FORMAT = "pml-kv/2"  # /2: the checksum covers the metadata too; /1 files are recomputed, not read
-OLD_FILE_FORMATS = ("pml-kv/1",)
+# /2: the checksum covers the metadata too; /3: the checksum is XXH3-128. Older files are recomputed.
+FILE_FORMAT = "pml-kv/3"
+OLD_FILE_FORMATS = ("pml-kv/1", "pml-kv/2")
+# safetensors dtype names -> torch dtypes, for the tensors a store file holds.
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+              "BOOL": torch.bool}
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of KV kept in a memory tier unless told otherwise
 CORRUPT_KEEP = 16  # damaged files kept in `corrupt/` for inspection (the newest); older ones are deleted
 STALE_TEMP_S = 3600.0  # a temp file this old is a killed writer's leftover, not a write in progress
@@ -203,18 +207,46 @@ def _bytes_by_device(entry: KVEntry) -> dict[str, int]:
     return out
 
 
-def _read_file(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+def _read_file(path: Path, limit: int | None = None) -> tuple[bytearray, os.stat_result]:
     """The bytes of regular file `path` (at most `limit`) and its stat; never follows a symlink.
 
     The bytes are a private copy: nothing read here changes when the file is later rewritten or
-    truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation).
+    truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation). A
+    bytearray, read into once, so tensors can be views of it without a second copy.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO cannot hang us
-    with os.fdopen(fd, "rb") as fh:
+    with os.fdopen(fd, "rb", buffering=0) as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ValueError("not a regular file")
-        return (fh.read() if limit is None else fh.read(limit)), st
+        size = st.st_size if limit is None else min(st.st_size, limit)
+        buf = bytearray(size)
+        got = fh.readinto(buf)
+        if got != size:
+            raise ValueError(f"read {got} of {size} bytes (the file changed while being read)")
+        return buf, st
+
+
+def _tensors(buf: bytearray, header: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `buf`, as views of `buf` (our private copy)."""
+    start = 8 + int.from_bytes(buf[:8], "little")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name}: unexpected dtype {info['dtype']}")
+        lo, hi = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = 1
+        for d in shape:
+            count *= d
+        if hi - lo != count * dtype.itemsize or start + hi > len(buf) or lo < 0:
+            raise ValueError(f"tensor {name}: offsets {lo}..{hi} do not fit its shape {shape} or the file")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + lo) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(shape)
+    return out
 
 
 def _header(data: bytes) -> dict:
@@ -290,8 +322,6 @@ class DiskTier(Tier):
         return self._load(key, verify=self.verify_on_load)
 
     def _load(self, key: EntryKey, verify: bool) -> KVEntry | None:
-        from safetensors.torch import load
-
         path = self.path(key)
         if path.parent.is_symlink() or not os.path.lexists(path):
             return None  # a symlink, FIFO or folder in an entry's place is read below, fails, and is moved aside
@@ -308,8 +338,7 @@ class DiskTier(Tier):
             meta = EntryMeta.from_json(metadata["meta"])
             if meta.key != key:
                 raise ValueError(f"file holds entry {meta.key}, not {key}")
-            tensors = load(data)  # owned tensors, copied out of `data`
-            del data
+            tensors = _tensors(data, _header(data))  # views of our private copy of the file
             if verify and payload_checksum(tensors, _signed(metadata["meta"])) != metadata.get("checksum"):
                 raise ValueError("checksum mismatch (payload or metadata changed)")
             n = sum(1 for name in tensors if name.startswith("k."))
