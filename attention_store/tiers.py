@@ -66,6 +66,7 @@ class MemoryTier(Tier):
         self._entries: OrderedDict[EntryKey, KVEntry] = OrderedDict()  # oldest use first
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
+        self.evictions = 0  # entries evicted to stay within the budget, since creation (server metrics)
 
     @property
     def total_bytes(self) -> int:
@@ -111,6 +112,7 @@ class MemoryTier(Tier):
                 continue
             del self._entries[key]
             total -= entry.nbytes
+            self.evictions += 1
             log.debug("memory tier: evicted %s (%s/%s)", key[:12], entry.meta.schema, entry.meta.module)
         if total > self.budget_bytes:
             log.warning("memory tier: pinned entries alone take %d bytes, over the %d byte budget; keeping them",

@@ -1,0 +1,259 @@
+"""The model worker: one thread owns the model; requests are queued to it and answered with usage and timing.
+
+A CPU runs one forward at a time well, so every model call (prefix lookup, prefill, decode, PML
+answers) runs on a single worker thread; HTTP handlers only queue work and await it. Shared tables
+(schemas, tenants, totals) are guarded by a lock, because handlers read them from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from attention_store.store import AttentionStore
+from attention_store.tiers import DiskTier, MemoryTier
+from pml.errors import PMLError
+from pml.parser import parse_schema
+from prompt_cache import generation
+from prompt_cache.engine import PromptCache
+from prompt_cache.generation import GenerationConfig
+from prompt_cache.prefix import PrefixCache, PrefixConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one request produced, with provider-neutral usage and timing."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose states were served from the cache
+    written_tokens: int  # prompt tokens whose states were stored by this request (cache creation)
+    completion_tokens: int
+    ttft_ms: float  # from the worker starting the request to the first token
+    stop_sequence: str | None = None  # the stop string that ended generation, if one did
+
+
+@dataclass
+class Totals:
+    """Server-wide running totals (cost accounting); read under `Worker.lock`."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    written_tokens: int = 0
+    completion_tokens: int = 0
+    by_endpoint: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SchemaRecord:
+    name: str
+    text: str
+    sha256: str  # content hash of the PML text
+
+
+class TextStream:
+    """Turns decoded tokens into text pieces, cutting at the first stop string and never emitting
+    text that a stop string could still remove."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tok, self.stops = tokenizer, tuple(s for s in stops if s)
+        self.tokens: list[int] = []
+        self.text, self.sent, self.stopped, self.stop_hit = "", "", False, None
+
+    def push(self, token: int) -> str:
+        """Add one token; the new text that is safe to emit ("" if none)."""
+        self.tokens.append(token)
+        text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        cuts = sorted((text.find(s), s) for s in self.stops if s in text)
+        if cuts:
+            text, self.stopped, self.stop_hit = text[:cuts[0][0]], True, cuts[0][1]
+        self.text = text
+        hold = 0 if self.stopped else max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])),
+                                          default=0)
+        ready = text[:len(text) - hold]
+        # Multi-byte characters decode to U+FFFD until complete: hold those back too.
+        while ready.endswith("\ufffd"):
+            ready = ready[:-1]
+        if ready.startswith(self.sent) and len(ready) > len(self.sent):
+            piece, self.sent = ready[len(self.sent):], ready
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        if self.text.startswith(self.sent) and len(self.text) > len(self.sent):
+            piece, self.sent = self.text[len(self.sent):], self.text
+            return piece
+        return ""
+
+
+class Worker:
+    """The warm model, its prefix cache, PML schemas per tenant, and the single thread that runs them."""
+
+    def __init__(self, lm, store: AttentionStore, prefix_config: PrefixConfig = PrefixConfig(),
+                 use_cache: bool = True, clock: Callable[[], float] = time.monotonic, threads: int | None = None):
+        self.lm = lm
+        self.store = store
+        self.use_cache = use_cache
+        self.clock = clock
+        self.prefix = PrefixCache(lm, store, prefix_config, clock=clock)
+        self.lock = threading.Lock()
+        self.schemas: dict[str, SchemaRecord] = {}
+        self.pinned: set[str] = set()
+        self.totals = Totals()
+        self._tenants: dict[str, PromptCache] = {"": PromptCache(lm, store)}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pml-model",
+                                                           initializer=_set_threads, initargs=(threads,))
+
+    async def run(self, fn, *args):
+        """Run `fn(*args)` on the model thread; awaitable from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- schemas -------------------------------------------------------------------------------
+    def add_schema(self, text: str, pin: bool = False) -> SchemaRecord:
+        """Register PML schema text (never a path: no file a client names is ever opened)."""
+        _require_xml(text, "schema")
+        schema = parse_schema(text)  # no path: `src=` is refused by the parser
+        record = SchemaRecord(schema.name, text, hashlib.sha256(text.encode()).hexdigest())
+        with self.lock:
+            self.schemas[schema.name] = record
+            if pin:
+                self.pinned.add(schema.name)
+            tenants = list(self._tenants.values())
+        for pc in tenants:  # re-laid out lazily by `_tenant` for tenants created later
+            pc.add_schema(text)
+            if pin:
+                pc.pin(schema.name)
+        return record
+
+    def delete_schema(self, name: str) -> bool:
+        with self.lock:
+            record = self.schemas.pop(name, None)
+            self.pinned.discard(name)
+            tenants = list(self._tenants.values())
+        for pc in tenants:
+            pc.schemas.pop(name, None)
+            pc.unpin(name)
+        return record is not None
+
+    def _tenant(self, salt: str) -> PromptCache:
+        """The PromptCache of one tenant. PML module keys carry no salt, so each salted tenant gets
+        its own store (a memory tier, and a disk folder named by a hash of the salt), isolating
+        module states as the salt isolates prefix blocks."""
+        with self.lock:
+            pc = self._tenants.get(salt)
+            if pc is not None:
+                return pc
+            tag = hashlib.sha256(salt.encode()).hexdigest()[:16]
+            memory = MemoryTier(self.store.memory.budget_bytes if self.store.memory else 1 << 30,
+                                self.lm.model.device)
+            disk = DiskTier(Path(self.store.disk.root) / "tenants" / tag) if self.store.disk is not None else None
+            pc = PromptCache(self.lm, AttentionStore(memory, disk))
+            for record in self.schemas.values():
+                pc.add_schema(record.text)
+                if record.name in self.pinned:
+                    pc.pin(record.name)
+            self._tenants[salt] = pc
+            return pc
+
+    # -- requests (run on the model thread) ----------------------------------------------------
+    def complete(self, ids: list[int], config: GenerationConfig, salt: str = "", read_limit: int | None = None,
+                 writes: tuple[tuple[int, float | None], ...] | None = None,
+                 on_text: Callable[[str], None] | None = None, endpoint: str = "completions") -> Completion:
+        """Generate after token ids, serving the longest cached prefix (up to `read_limit` tokens;
+        0 = no read) and storing `writes` ((upto, ttl_s) pairs; None = every full block, no TTL)."""
+        t0 = time.perf_counter()
+        if self.use_cache and read_limit != 0:
+            hit = self.prefix.lookup(ids, salt, limit=read_limit)
+        else:
+            hit = self.prefix.lookup([], salt)  # the empty prefix: an empty cache
+        rest = torch.tensor(ids[hit.tokens:], dtype=torch.long)
+        logits, state = generation.prefill(self.lm, hit.cache, hit.positions, rest,
+                                           torch.arange(hit.tokens, len(ids)))
+        stream = TextStream(self.lm.tokenizer, config.stop)
+        t_first = None
+        for token in generation.decode(self.lm, state, logits, config):
+            if t_first is None:
+                t_first = time.perf_counter()
+            piece = stream.push(token)
+            if piece and on_text is not None:
+                on_text(piece)
+            if stream.stopped:
+                break
+        t_first = t_first or time.perf_counter()
+        tail = stream.flush()
+        if tail and on_text is not None:
+            on_text(tail)
+        written = 0
+        if self.use_cache:
+            for upto, ttl in ((len(ids), None),) if writes is None else writes:
+                written += self.prefix.insert(ids, state.cache, salt, upto, ttl)
+        length = len(stream.tokens) >= config.max_new_tokens and not stream.stopped
+        done = Completion(stream.text, tuple(stream.tokens), "length" if length else "stop", len(ids), hit.tokens,
+                          written, len(stream.tokens), (t_first - t0) * 1e3, stream.stop_hit)
+        self._count(done, endpoint)
+        return done
+
+    def answer_pml(self, prompt: str, config: GenerationConfig, salt: str = "",
+                   on_text: Callable[[str], None] | None = None, endpoint: str = "chat") -> Completion:
+        """Answer a PML prompt against a registered schema (modular reuse)."""
+        _require_xml(prompt, "prompt")
+        pc = self._tenant(salt)
+        t0 = time.perf_counter()
+        r = pc.answer(prompt, use_cache=self.use_cache, config=config, on_text=on_text)
+        ttft = r.timing.ttft_ms if r.timing.ttft_ms else (time.perf_counter() - t0) * 1e3
+        done = Completion(r.text, r.token_ids, "length" if r.finish_reason == "length" else "stop",
+                          r.usage.prompt_tokens, r.usage.cached_tokens, 0, r.usage.completion_tokens, ttft)
+        self._count(done, endpoint)
+        return done
+
+    def _count(self, c: Completion, endpoint: str) -> None:
+        with self.lock:
+            t = self.totals
+            t.requests += 1
+            t.prompt_tokens += c.prompt_tokens
+            t.cached_tokens += c.cached_tokens
+            t.written_tokens += c.written_tokens
+            t.completion_tokens += c.completion_tokens
+            t.by_endpoint[endpoint] = t.by_endpoint.get(endpoint, 0) + 1
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held per tier (all tenants)."""
+        with self.lock:
+            stores = [pc.store for pc in self._tenants.values()]
+        stores = list({id(s): s for s in [self.store, *stores]}.values())
+        out = {"memory": 0, "disk": 0}
+        for s in stores:
+            if s.memory is not None:
+                out["memory"] += s.memory.total_bytes
+            if s.disk is not None:
+                out["disk"] += sum(m.nbytes for m in s.disk.entries())
+        return out
+
+
+def _require_xml(text: str, what: str) -> None:
+    # PromptCache treats text that does not start with "<" as a file path; a client must never
+    # make the server open a file.
+    if not isinstance(text, str) or not text.lstrip().startswith("<"):
+        raise PMLError(f"the {what} must be PML text starting with '<' (file paths are not accepted)")
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
