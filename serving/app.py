@@ -214,6 +214,10 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         if body.system is not None:
             msgs.append(Message("system", _blocks(body.system)))
         msgs += [Message(m.role, _blocks(m.content)) for m in body.messages]
+        if body.cache_control is not None and msgs:
+            # Top-level cache_control (automatic caching): a breakpoint on the last block.
+            *head, last = msgs[-1].blocks
+            msgs[-1] = Message(msgs[-1].role, (*head, Block(last.text, TTL_SECONDS[body.cache_control.ttl], True)))
         rendered = render_chat(worker.lm.tokenizer, msgs)
         if len(rendered.breakpoints) > MAX_BREAKPOINTS:
             raise ApiError(400, f"at most {MAX_BREAKPOINTS} blocks may have cache_control; got "

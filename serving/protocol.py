@@ -82,6 +82,7 @@ class MessagesRequest(_Body):
     stop_sequences: list[str] | None = None
     stream: bool = False
     cache_salt: str | None = Field(None, max_length=256)  # extension, as on the OpenAI endpoints
+    cache_control: CacheControl | None = None  # top level: a breakpoint after the last message
 
 
 # -- schemas -------------------------------------------------------------------------------------
