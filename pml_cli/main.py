@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pml import cli as language_cli
 from pml.layout import Tokenizer
-from pml_cli import engine_commands
+from pml_cli import engine_commands, serve_commands
 from prompt_cache import DEFAULT_MODEL
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     language_cli.add_commands(sub)
     engine_commands.add_commands(sub)
+    serve_commands.add_commands(sub)
     return parser
 
 
