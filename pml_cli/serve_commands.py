@@ -28,7 +28,7 @@ def add_commands(sub) -> None:
                    help="shortest prefix served from the cache (default: %(default)s, as OpenAI and Anthropic)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per cached block (default: %(default)s)")
     p.add_argument("--granularity", type=int, default=128,
-                   help="served prefixes are multiples of this (default: %(default)s, as OpenAI reports)")
+                   help="OpenAI usage reports cached tokens in multiples of this (default: %(default)s, as OpenAI)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-prompt-tokens", type=int, default=32768)
     p.add_argument("--max-completion-tokens", type=int, default=4096)

@@ -44,16 +44,19 @@ PREFIX_POLICY = "causal-prefix"  # EntryMeta.policy: contiguous positions, ordin
 class PrefixConfig:
     block_size: int = 64  # tokens per block: the unit of storage and lookup (vLLM: 16; bigger = fewer files)
     min_prefix: int = 1024  # shortest prefix served or stored, as OpenAI and Anthropic (0 for research)
-    granularity: int = 128  # a served prefix is a multiple of this (OpenAI reports 128-token increments)
+    granularity: int = 128  # cached tokens are *reported* in multiples of this (OpenAI: 128); serving is per block
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.min_prefix < 0:
             raise ValueError(f"min_prefix must be >= 0, got {self.min_prefix}")
-        if self.granularity < 1 or self.granularity % self.block_size:
-            raise ValueError(f"granularity ({self.granularity}) must be a positive multiple of "
-                             f"block_size ({self.block_size})")
+        if self.granularity < 1:
+            raise ValueError(f"granularity must be >= 1, got {self.granularity}")
+
+    def reported(self, cached_tokens: int) -> int:
+        """Cached tokens as an OpenAI-style usage reports them: rounded down to the granularity."""
+        return cached_tokens - cached_tokens % self.granularity
 
 
 @dataclass
@@ -115,8 +118,8 @@ class PrefixCache:
         return keys
 
     def servable(self, n_tokens: int) -> int:
-        """How many of `n_tokens` matched tokens may be served: rounded down to the granularity, 0 below the minimum."""
-        n = n_tokens - n_tokens % self.config.granularity
+        """How many of `n_tokens` matched tokens may be served: whole blocks, 0 below the minimum."""
+        n = n_tokens - n_tokens % self.config.block_size
         return n if n >= max(self.config.min_prefix, 1) else 0
 
     # -- lookup --------------------------------------------------------------------------------

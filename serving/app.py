@@ -315,7 +315,7 @@ def _sse(data: dict | str, event: str | None = None) -> str:
 def _openai_usage(c) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
             "total_tokens": c.prompt_tokens + c.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": c.reported_cached}}
 
 
 class _ChatShape:

@@ -44,6 +44,7 @@ class Completion:
     completion_tokens: int
     ttft_ms: float  # from the worker starting the request to the first token
     stop_sequence: str | None = None  # the stop string that ended generation, if one did
+    reported_cached: int = 0  # cached_tokens as OpenAI-style usage reports them (rounded to the granularity)
 
 
 @dataclass
@@ -206,7 +207,8 @@ class Worker:
                 written += self.prefix.insert(ids, state.cache, salt, upto, ttl)
         length = len(stream.tokens) >= config.max_new_tokens and not stream.stopped
         done = Completion(stream.text, tuple(stream.tokens), "length" if length else "stop", len(ids), hit.tokens,
-                          written, len(stream.tokens), (t_first - t0) * 1e3, stream.stop_hit)
+                          written, len(stream.tokens), (t_first - t0) * 1e3, stream.stop_hit,
+                          self.prefix.config.reported(hit.tokens))
         self._count(done, endpoint)
         return done
 
@@ -219,7 +221,8 @@ class Worker:
         r = pc.answer(prompt, use_cache=self.use_cache, config=config, on_text=on_text)
         ttft = r.timing.ttft_ms if r.timing.ttft_ms else (time.perf_counter() - t0) * 1e3
         done = Completion(r.text, r.token_ids, "length" if r.finish_reason == "length" else "stop",
-                          r.usage.prompt_tokens, r.usage.cached_tokens, 0, r.usage.completion_tokens, ttft)
+                          r.usage.prompt_tokens, r.usage.cached_tokens, 0, r.usage.completion_tokens, ttft,
+                          reported_cached=r.usage.cached_tokens)  # modular reuse: reported exactly
         self._count(done, endpoint)
         return done
 

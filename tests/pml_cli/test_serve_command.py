@@ -57,5 +57,5 @@ def test_missing_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_bad_cache_settings_are_one_line_and_exit_2(capsys):
-    assert main(["serve", "--model", "tiny:llama", "--block-size", "48", "--store", "unused"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("pml: error: granularity (128)")
+    assert main(["serve", "--model", "tiny:llama", "--block-size", "0", "--store", "unused"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pml: error: block_size must be >= 1, got 0"

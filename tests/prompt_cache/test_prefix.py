@@ -69,15 +69,16 @@ def test_served_prefix_gives_the_full_prefill_logits(tiny, arch):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_min_prefix_and_granularity(tiny):
+def test_min_prefix_and_reported_granularity(tiny):
     pc, _ = make(tiny(), min_prefix=24, granularity=8)
-    assert pc.servable(23) == 0 and pc.servable(31) == 24 and pc.servable(44) == 40
+    assert pc.servable(23) == 0 and pc.servable(31) == 28 and pc.servable(44) == 44
+    assert pc.config.reported(44) == 40 and pc.config.reported(7) == 0
     short = IDS[:20]
     prefill_with(pc, short)
     # Below min_prefix nothing is stored, so nothing can be served later.
     assert pc.stats.blocks_written == 0
     prefill_with(pc, IDS)
-    assert prefill_with(pc, IDS)[1] == 40
+    assert prefill_with(pc, IDS)[1] == 44
 
 
 def test_ttl_expires_unless_hit(tiny):
