@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "quality": "task scores with and without the cache, and fidelity to the baseline",
     "speed": "the speed benchmark: cached vs full-prefill TTFT on one 4,000-token module, with targets",
     "sink": "fidelity of the independent policy with and without the leading root text as attention sink",
+    "serving": "the server: TTFT of a repeated long prompt, and throughput of concurrent clients, cache vs no cache",
     "cost": "API workloads replayed against live servers with and without caching: hit rate, TTFT, cost",
 }
 
