@@ -1,7 +1,7 @@
 """`pml bench cost`: replay three API workloads against live servers, with and without caching, and price them.
 
-Two servers run in this process on free 127.0.0.1 ports over one loaded model: one caching (prefix
-blocks and PML modules, in a scratch store) and one `--no-cache`. Every request goes to the caching
+Two `pml serve` processes run on free 127.0.0.1 ports: one caching (prefix blocks and PML modules,
+in a scratch store) and one `--no-cache`. Every request goes to the caching
 server and then, the same request, to the no-cache one (side by side, so machine noise hits both),
 through the providers' own Python clients with streaming; TTFT is measured at the client, to the
 first text piece. Token counts come from the servers' usage (the model's tokenizer), never from
@@ -73,57 +73,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from attention_store.store import AttentionStore, open_store
-    from attention_store.tiers import MemoryTier
-    from prompt_cache.models import load_model
-    from prompt_cache.prefix import PrefixConfig
-    from serving.server import BackgroundServer, ServeConfig
-    from serving.worker import Worker
+    from experiments.live import live_server
+    from prompt_cache.models import load_tokenizer
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios {sorted(unknown)}: choose from {', '.join(SCENARIOS)}")
     prices = load_prices(args.prices)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = outputs.run_dir(f"cost/{args.model.replace(':', '-').replace('/', '_')}", args.out)
     data = data_dir(args.data)
-    lm = load_model(args.model)
-    prefix = PrefixConfig(min_prefix=args.min_prefix)
-    cached = Worker(lm, open_store(reset_store_dir(out / "store-scratch"), lm), prefix, threads=args.threads)
-    plain = Worker(lm, AttentionStore(MemoryTier(device=lm.model.device), None), prefix, use_cache=False,
-                   threads=args.threads)
-    config = ServeConfig(model=args.model)
+    tokenizer = _tokenizer(args.model, load_tokenizer)
+    flags = ["--min-prefix", str(args.min_prefix)] + (["--threads", str(args.threads)] if args.threads else [])
     rows = []
-    with BackgroundServer(cached, config) as on, BackgroundServer(plain, config) as off:
-        bench = Bench(on.url, off.url, args.model, args.max_tokens)
+    with live_server(args.model, "--store", str(reset_store_dir(out / "store-scratch")), *flags,
+                     log=out / "server-cache.log") as on, \
+            live_server(args.model, "--no-cache", "--store", str(reset_store_dir(out / "store-nocache")), *flags,
+                        log=out / "server-nocache.log") as off:
+        bench = Bench(on, off, args.model, args.max_tokens)
         for name in scenarios:
             if name == "agent":
-                rows.append(bench.agent(system_prompt(lm.tokenizer, data, args.system_tokens, args.tools), args.turns,
+                rows.append(bench.agent(system_prompt(tokenizer, data, args.system_tokens, args.tools), args.turns,
                                         prices))
             elif name == "document":
-                doc, questions = document(lm.tokenizer, data, args.doc_tokens, args.questions)
+                doc, questions = document(tokenizer, data, args.doc_tokens, args.questions)
                 rows.append(bench.document(doc, questions, prices))
             else:
                 passages = musique_passages(data, args.modules)
                 rows += bench.pml(passages, args.prompts, prices)
-    cached.close()
-    plain.close()
+        health = bench.http.get(on + "/health").json()
     (out / "summary.json").write_text(json.dumps({"rows": rows, "prices": prices}, indent=1))
     outputs.write_csv(out / "summary.csv", rows)
     columns = ["scenario", "api", "requests", "prompt_tokens", "computed", "cached", "written", "hit_rate",
                "ttft_ms_cache", "ttft_ms_nocache", "ttft_ratio", "cost_usd_cache", "cost_usd_nocache", "saving"]
     table = outputs.markdown_table(rows, columns)
-    outputs.write_report(out / "report.md", "Cost benchmark", model=args.model,
-                         dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+    outputs.write_report(out / "report.md", "Cost benchmark", model=f"{args.model} ({health['model']})",
+                         dtype=health["dtype"],
                          sections=[("Scenarios", table), ("Prices (USD per million tokens)",
                                                           "```json\n" + json.dumps(prices, indent=1) + "\n```\n")])
     print(table, end="")
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _tokenizer(model: str, load_tokenizer):
+    """The served model's tokenizer, for building prompts of exact token lengths (no weights loaded)."""
+    if model.startswith("tiny:"):
+        from prompt_cache.tiny import ByteTokenizer
+
+        return ByteTokenizer()
+    return load_tokenizer(model)
 
 
 def load_prices(path: str | None) -> dict:

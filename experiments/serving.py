@@ -1,7 +1,7 @@
 """`pml bench serving`: TTFT of a repeated long prompt over the API, and throughput of concurrent clients.
 
-Servers run in this process on free 127.0.0.1 ports (one caching, one `--no-cache`) over one loaded
-model, with the providers' default caching rules (minimum prefix 1,024 tokens, 64-token blocks).
+Two `pml serve` processes run on free 127.0.0.1 ports (one caching, one `--no-cache`), with the
+providers' default caching rules (minimum prefix 1,024 tokens, 16-token blocks).
 
 - `repeat`: a system prompt of `--system-tokens` tokens of real text (a different text per repeat,
   so the first send is cold) and a short question, sent twice through the `openai` client with
@@ -20,6 +20,7 @@ import json
 import statistics
 import threading
 import time
+from types import SimpleNamespace
 
 from experiments import outputs
 from experiments.data import data_dir
@@ -46,29 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import openai
-    import torch
 
-    from attention_store.store import AttentionStore, open_store
-    from attention_store.tiers import MemoryTier
-    from experiments.cost import musique_passages
-    from prompt_cache.models import load_model
-    from prompt_cache.prefix import PrefixConfig
-    from serving.server import BackgroundServer, ServeConfig
-    from serving.worker import Worker
+    from experiments.cost import _tokenizer, musique_passages
+    from experiments.live import live_server
+    from prompt_cache.models import load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     out = outputs.run_dir(f"serving/{args.model.replace(':', '-').replace('/', '_')}", args.out)
     data = data_dir(args.data)
-    lm = load_model(args.model)
-    prefix = PrefixConfig(min_prefix=args.min_prefix)
-    cached = Worker(lm, open_store(reset_store_dir(out / "store-scratch"), lm), prefix, threads=args.threads)
-    plain = Worker(lm, AttentionStore(MemoryTier(device=lm.model.device), None), prefix, use_cache=False,
-                   threads=args.threads)
-    config = ServeConfig(model=args.model)
+    tokenizer = _tokenizer(args.model, load_tokenizer)
+    flags = ["--min-prefix", str(args.min_prefix)] + (["--threads", str(args.threads)] if args.threads else [])
     result: dict = {"model": args.model}
-    with BackgroundServer(cached, config) as on, BackgroundServer(plain, config) as off:
+    with live_server(args.model, "--store", str(reset_store_dir(out / "store-scratch")), *flags,
+                     log=out / "server-cache.log") as on_url, \
+            live_server(args.model, "--no-cache", "--store", str(reset_store_dir(out / "store-nocache")), *flags,
+                        log=out / "server-nocache.log") as off_url:
+        on, off = SimpleNamespace(url=on_url), SimpleNamespace(url=off_url)
         client = {u: openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=900)
                   for u in (on.url, off.url)}
 
@@ -85,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
             return ((first or time.perf_counter()) - t0) * 1e3, usage
 
         if "repeat" not in skip:
-            pool = document_pool(data, lm.tokenizer, args.system_tokens * args.repeats + 64)
+            pool = document_pool(data, tokenizer, args.system_tokens * args.repeats + 64)
             pairs = []
             for r in range(args.repeats):
-                text, _ = exact_text(lm.tokenizer, pool[r * args.system_tokens:], args.system_tokens)
+                text, _ = exact_text(tokenizer, pool[r * args.system_tokens:], args.system_tokens)
                 msgs = [{"role": "system", "content": text}, {"role": "user", "content": QUESTION}]
                 cold, u1 = send(on.url, messages=msgs)
                 warm, u2 = send(on.url, messages=msgs)
@@ -138,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
                                               "requests_per_s": round(len(ttfts) / wall, 3),
                                               "ttft_ms_p50": round(statistics.median(ttfts), 1),
                                               "ttft_ms_p95": round(q[18], 1)}
-    cached.close()
-    plain.close()
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0

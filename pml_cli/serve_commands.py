@@ -26,7 +26,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="compute every prompt in full; store nothing (baseline)")
     p.add_argument("--min-prefix", type=int, default=1024,
                    help="shortest prefix served from the cache (default: %(default)s, as OpenAI and Anthropic)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per cached block (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per cached block (default: %(default)s)")
     p.add_argument("--granularity", type=int, default=128,
                    help="OpenAI usage reports cached tokens in multiples of this (default: %(default)s, as OpenAI)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)

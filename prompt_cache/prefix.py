@@ -20,6 +20,7 @@ unlike PML's modular reuse. Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import threading
@@ -42,7 +43,8 @@ PREFIX_POLICY = "causal-prefix"  # EntryMeta.policy: contiguous positions, ordin
 
 @dataclass(frozen=True)
 class PrefixConfig:
-    block_size: int = 64  # tokens per block: the unit of storage and lookup (vLLM: 16; bigger = fewer files)
+    block_size: int = 16  # tokens per block: the unit of storage and lookup (vLLM's default); at most
+    # block_size - 1 tokens of a cached prefix are recomputed, which sets the TTFT of a repeated prompt
     min_prefix: int = 1024  # shortest prefix served or stored, as OpenAI and Anthropic (0 for research)
     granularity: int = 128  # cached tokens are *reported* in multiples of this (OpenAI: 128); serving is per block
 
@@ -90,7 +92,8 @@ class PrefixCache:
     """
 
     def __init__(self, lm, store: AttentionStore, config: PrefixConfig = PrefixConfig(),
-                 storage_dtype: torch.dtype | None = None, clock: Callable[[], float] = time.monotonic):
+                 storage_dtype: torch.dtype | None = None, clock: Callable[[], float] = time.monotonic,
+                 write_behind: bool = False):
         self.lm = lm
         self.store = store
         self.config = config
@@ -100,6 +103,12 @@ class PrefixCache:
         self.stats = PrefixStats()
         self._ttl: dict[EntryKey, tuple[float | None, float]] = {}  # key -> (ttl_s or None, expires at)
         self._lock = threading.RLock()  # reentrant: an expiry found during insert drops under the lock
+        # write_behind: disk writes (serialize, fsync, rename: most of an insert's time) go to one
+        # background thread, so the next request does not wait for them; the memory tier has the
+        # block at once. `flush()` waits for pending writes.
+        self._writer = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pml-prefix-disk")
+                        if write_behind and store.disk is not None and store.memory is not None else None)
+        self._pending: list[concurrent.futures.Future] = []
 
     # -- keys ----------------------------------------------------------------------------------
     def block_keys(self, ids: Sequence[int], salt: str = "") -> list[EntryKey]:
@@ -200,12 +209,28 @@ class PrefixCache:
                 values=[v[:, :, s].to("cpu", self.dtype).clone() for v in values],
                 token_ids=torch.tensor(ids[s], dtype=torch.long), positions=torch.arange(s.start, s.stop),
                 replaceable=torch.zeros(b, dtype=torch.bool))
-            self.store.put(entry)
+            self._put(entry)
             with self._lock:
                 self._ttl[key] = (ttl_s, now + ttl_s if ttl_s is not None else math.inf)
                 self.stats.blocks_written += 1
             written += b
         return written
+
+    def _put(self, entry: KVEntry) -> None:
+        if self._writer is None:
+            self.store.put(entry)
+            return
+        self.store.memory.put(entry)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._writer.submit(self.store.disk.put, entry))
+
+    def flush(self) -> None:
+        """Wait until every block handed to the disk tier is written (write_behind only)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
     # -- expiry --------------------------------------------------------------------------------
     def expire(self) -> int:

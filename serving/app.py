@@ -257,7 +257,8 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": worker.lm.name}
+        return {"status": "ok", "model": worker.lm.name,
+                "dtype": str(next(worker.lm.model.parameters()).dtype).removeprefix("torch.")}
 
     @app.get("/metrics")
     async def prometheus():

@@ -110,7 +110,7 @@ class Worker:
         self.store = store
         self.use_cache = use_cache
         self.clock = clock
-        self.prefix = PrefixCache(lm, store, prefix_config, clock=clock)
+        self.prefix = PrefixCache(lm, store, prefix_config, clock=clock, write_behind=True)
         self.lock = threading.Lock()
         self.schemas: dict[str, SchemaRecord] = {}
         self.pinned: set[str] = set()
@@ -125,6 +125,7 @@ class Worker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.prefix.flush()
 
     # -- schemas -------------------------------------------------------------------------------
     def add_schema(self, text: str, pin: bool = False) -> SchemaRecord:

@@ -115,3 +115,16 @@ def test_a_lru_evicted_block_is_a_miss_and_the_chain_stops(tiny):
     pc.store.delete(keys[3])
     # Blocks after a missing one are unreachable: a chain serves only a prefix.
     assert pc.lookup(IDS).tokens == 12
+
+
+def test_write_behind_reaches_disk_and_a_new_process_serves_it(tiny, tmp_path):
+    lm = tiny()
+    store = AttentionStore.from_dir(tmp_path)
+    pc = PrefixCache(lm, store, PrefixConfig(block_size=4, min_prefix=0, granularity=4), write_behind=True)
+    full, _ = prefill_with(pc, IDS)
+    pc.flush()
+    # A fresh store over the same folder (empty memory tier): every block comes from disk.
+    again = PrefixCache(lm, AttentionStore.from_dir(tmp_path), PrefixConfig(block_size=4, min_prefix=0, granularity=4))
+    logits, hit = prefill_with(again, IDS)
+    assert hit == 44
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
