@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 MAX_BREAKPOINTS = 4  # Anthropic: at most 4 cache_control blocks per request
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/messages": "messages",
+             "/v1/schemas": "schemas"}  # path -> metrics label
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
     app.state.worker, app.state.metrics = worker, metrics
 
     def fail(request: Request, status: int, message: str, kind: str | None = None, param=None):
-        metrics.requests.labels(request.url.path if status != 404 else "other", str(status)).inc()
+        # A fixed label set: a client's arbitrary paths must not grow the metric without bound.
+        metrics.requests.labels(ENDPOINTS.get(request.url.path, "other"), str(status)).inc()
         return JSONResponse(_error_body(request.url.path, status, message, kind or _kind(status), param), status)
 
     @app.exception_handler(ApiError)
@@ -172,7 +175,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
             raise ApiError(400, "give either non-empty `messages` or `pml` (a PML prompt, as extra_body) "
                                 "with empty messages", param="messages")
         if body.pml is not None:
-            pc = worker._tenant(salt)
+            pc = worker.tenant(salt)
             try:
                 _, bound = await worker.run(pc.bind, _xml(body.pml))
             except PMLError as e:

@@ -138,7 +138,7 @@ class Worker:
             if pin:
                 self.pinned.add(schema.name)
             tenants = list(self._tenants.values())
-        for pc in tenants:  # re-laid out lazily by `_tenant` for tenants created later
+        for pc in tenants:  # laid out lazily by `tenant` for tenants created later
             pc.add_schema(text)
             if pin:
                 pc.pin(schema.name)
@@ -154,7 +154,7 @@ class Worker:
             pc.unpin(name)
         return record is not None
 
-    def _tenant(self, salt: str) -> PromptCache:
+    def tenant(self, salt: str) -> PromptCache:
         """The PromptCache of one tenant. PML module keys carry no salt, so each salted tenant gets
         its own store (a memory tier, and a disk folder named by a hash of the salt), isolating
         module states as the salt isolates prefix blocks."""
@@ -217,7 +217,7 @@ class Worker:
                    on_text: Callable[[str], None] | None = None, endpoint: str = "chat") -> Completion:
         """Answer a PML prompt against a registered schema (modular reuse)."""
         _require_xml(prompt, "prompt")
-        pc = self._tenant(salt)
+        pc = self.tenant(salt)
         t0 = time.perf_counter()
         r = pc.answer(prompt, use_cache=self.use_cache, config=config, on_text=on_text)
         ttft = r.timing.ttft_ms if r.timing.ttft_ms else (time.perf_counter() - t0) * 1e3
