@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modules", type=int, default=10, help="passages in the shared schema (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request (default: %(default)s)")
     parser.add_argument("--min-prefix", type=int, default=1024, help="(default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=16, help="prefix cache block (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: repeat, concurrent")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     out = outputs.run_dir(f"serving/{args.model.replace(':', '-').replace('/', '_')}", args.out)
     data = data_dir(args.data)
     tokenizer = _tokenizer(args.model, load_tokenizer)
-    flags = ["--min-prefix", str(args.min_prefix)] + (["--threads", str(args.threads)] if args.threads else [])
+    flags = ["--min-prefix", str(args.min_prefix), "--block-size", str(args.block_size)]
+    flags += ["--threads", str(args.threads)] if args.threads else []
     result: dict = {"model": args.model}
     with live_server(args.model, "--store", str(reset_store_dir(out / "store-scratch")), *flags,
                      log=out / "server-cache.log") as on_url, \
