@@ -8,7 +8,7 @@ from experiments.cli import main
 def test_cost_bench_runs_all_scenarios(tmp_path, data):
     out = tmp_path / "run"
     assert main(["cost", "--model", "tiny:llama", "--system-tokens", "400", "--tools", "1", "--turns", "2", "--doc-tokens", "300",
-                 "--questions", "2", "--modules", "4", "--prompts", "2", "--max-tokens", "2", "--min-prefix", "0",
+                 "--questions", "2", "--modules", "4", "--module-tokens", "100", "--prompts", "2", "--max-tokens", "2", "--min-prefix", "0",
                  "--threads", "0", "--data", str(data), "--out", str(out)]) == 0
     rows = {(r["scenario"], r["api"]): r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert set(r[0] for r in rows) == {"agent", "document", "pml-schema"}
