@@ -96,6 +96,9 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         size = request.headers.get("content-length")
+        if size is None and request.method in ("POST", "PUT", "PATCH"):
+            # A chunked body has no length up front: read it (Starlette keeps it for the handler).
+            size = str(len(await request.body()))
         if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
             return fail(request, 413, f"request body of {size} bytes is over the {limits.max_body_bytes} byte limit")
         if api_keys and request.url.path.startswith("/v1/"):
@@ -104,10 +107,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         return await call_next(request)
 
     def salt_of(request: Request, body_salt: str | None) -> str:
-        if salt_per_key:
-            # Per key: a tenant cannot choose another's salt; a body salt further splits its own cache.
-            return f"key:{_key(request)}|{body_salt or ''}"
-        return body_salt or ""
+        return tenant_salt(_key(request) if salt_per_key else None, body_salt)
 
     def check_model(model: str) -> None:
         if model not in names:
@@ -281,6 +281,14 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def tenant_salt(api_key: str | None, body_salt: str | None) -> str:
+    """The cache salt of a request: the body's `cache_salt`, bound to the API key under `salt_per_key`
+    (a tenant then cannot choose another tenant's salt; its body salt splits its own cache further)."""
+    if api_key is None:
+        return body_salt or ""
+    return json.dumps(["key", api_key, body_salt or ""])  # unambiguous whatever the key or salt holds
+
+
 def _key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):

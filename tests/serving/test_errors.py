@@ -54,6 +54,18 @@ def test_oversize_body_is_a_413(http):
     still_serving(http)
 
 
+def test_oversize_chunked_body_is_a_413(http):
+    def chunks():  # no content-length: the server must count the bytes itself
+        yield b'{"model": "tiny:llama", "messages": [{"role": "user", "content": "'
+        for _ in range(70):
+            yield b"z" * 1024
+        yield b'"}]}'
+
+    r = http.post("/v1/chat/completions", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413
+    still_serving(http)
+
+
 def test_too_many_prompt_tokens_is_a_400(http):
     long = {**GOOD, "messages": [{"role": "user", "content": "y" * 1000}]}  # byte tokenizer: > 900 tokens
     r = http.post("/v1/chat/completions", json=long, headers=AUTH)

@@ -2,6 +2,8 @@
 
 import pytest
 
+from serving.app import tenant_salt
+
 SCHEMA = '<schema name="t">Root text. <module name="m">A module about tenants and their caches.</module></schema>'
 PML = '<prompt schema="t"><m/><user>Question?</user></prompt>'
 
@@ -46,8 +48,8 @@ def test_pml_module_states_are_per_key(setup):
     r = client.post("/v1/schemas", json={"pml": SCHEMA}, headers={"x-api-key": "key-a"})
     assert r.status_code == 200
     cached(client, "key-a", messages=[], pml=PML)
-    a = worker.tenant("key:key-a|")
-    b = worker.tenant("key:key-b|")
+    a = worker.tenant(tenant_salt("key-a", None))
+    b = worker.tenant(tenant_salt("key-b", None))
     # Separate stores: key a's module states are in its store only, until key b uses the schema.
     assert a.store is not b.store and len(a.store.memory) > 0 and len(b.store.memory) == 0
     cached(client, "key-b", messages=[], pml=PML)
