@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def cmd_serve(args) -> int:
     for path in args.schema:
         if not Path(path).is_file():
             return _fail(f"no such schema file: {path}")
+    try:  # before loading the model: a busy port should fail in a second, not after the load
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     try:
         config = ServeConfig(
             model=args.model, store=args.store, host=args.host, port=args.port, schemas=tuple(args.schema),

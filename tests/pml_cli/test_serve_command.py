@@ -59,3 +59,20 @@ def test_missing_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
 def test_bad_cache_settings_are_one_line_and_exit_2(capsys):
     assert main(["serve", "--model", "tiny:llama", "--block-size", "0", "--store", "unused"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pml: error: block_size must be >= 1, got 0"
+
+
+def test_busy_port_is_one_line_and_exit_2(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "tiny:llama", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pml: error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_malformed_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.pml"
+    bad.write_text("<schema name='x'>\n<module>")
+    assert main(["serve", "--model", "tiny:llama", "--port", "0", "--store", str(tmp_path / "store"),
+                 "--schema", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pml: error: 2: error: malformed XML")
