@@ -114,6 +114,13 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
             raise ApiError(404, f"model {model!r} is not served here (served: {', '.join(names)})",
                            "not_found_error", "model")
 
+    def unsupported(body) -> None:
+        # Ignoring these would answer a different question than the one asked: refuse them.
+        for name in ("tools", "functions", "response_format", "logprobs"):
+            if (body.model_extra or {}).get(name):
+                raise ApiError(400, f"`{name}` is not supported by this server (describe tools in the system "
+                                    "prompt instead)", param=name)
+
     def check_prompt(n: int) -> None:
         if n > limits.max_prompt_tokens:
             raise ApiError(400, f"prompt has {n} tokens, over the {limits.max_prompt_tokens} token limit")
@@ -167,6 +174,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         check_model(body.model)
+        unsupported(body)
         config = gen_config(body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
                             body.temperature, body.top_p, body.seed, body.stop)
         salt = salt_of(request, body.cache_salt)
@@ -212,6 +220,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
     @app.post("/v1/messages")
     async def messages(body: P.MessagesRequest, request: Request):
         check_model(body.model)
+        unsupported(body)
         config = gen_config(body.max_tokens, body.temperature, body.top_p, None, body.stop_sequences)
         msgs = []
         if body.system is not None:

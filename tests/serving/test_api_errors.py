@@ -109,6 +109,11 @@ def test_bad_parameters_and_unknown_model(http):
     assert http.post("/v1/chat/completions", json={**GOOD, "max_tokens": 10**6}, headers=AUTH).status_code == 400
     assert http.post("/v1/chat/completions", json={**GOOD, "messages": [{"role": "wizard", "content": "x"}]},
                      headers=AUTH).status_code == 400
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    r = http.post("/v1/chat/completions", json={**GOOD, "tools": tools}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    r = http.post("/v1/messages", json={**GOOD, "tools": [{"name": "f", "input_schema": {}}]}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = http.post("/v1/chat/completions", json={**GOOD, "model": "gpt-9"}, headers=AUTH)
     assert r.status_code == 404 and "not served" in r.json()["error"]["message"]
     still_serving(http)
