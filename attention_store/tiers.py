@@ -91,6 +91,7 @@ class MemoryTier(Tier):
         self._pins: dict[str, frozenset[EntryKey]] = {}  # holder -> keys it keeps resident
         self._pinned: frozenset[EntryKey] = frozenset()  # union of `_pins`
         self._lock = threading.Lock()
+        self.evictions = 0  # entries evicted to stay within the budget, since creation (server metrics)
 
     @property
     def total_bytes(self) -> int:
@@ -173,6 +174,7 @@ class MemoryTier(Tier):
             del self._entries[key]
             for d, n in share.items():
                 used[d] -= n
+            self.evictions += 1
             log.debug("memory tier: evicted %s (%s/%s)", key[:12], entry.meta.schema, entry.meta.module)
         over = {d: n for d, n in used.items() if n > self.budget_bytes}
         if over:

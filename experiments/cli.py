@@ -20,6 +20,8 @@ EXPERIMENTS = {
     "recovery": "recovery policies (blend:R, link:K) against independent and schema: fidelity vs TTFT",
     "semantic": "semantic cache (L1): false-hit rate on different SQuAD questions, hit rate on surface rewrites",
     "speculative": "speculative decoding (prompt lookup): acceptance and decode tokens/s against plain greedy",
+    "serving": "the server: TTFT of a repeated long prompt, and throughput of concurrent clients, cache vs no cache",
+    "cost": "API workloads replayed against live servers with and without caching: hit rate, TTFT, cost",
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from experiments import outputs
 from experiments.data import data_dir, load_longbench
-from experiments.latency import rotated
+from experiments.common import rotated
 from experiments.workloads import TEMPLATES, build_prompt, build_schema, schema_name
 from prompt_cache import DEFAULT_MODEL
 

@@ -81,8 +81,6 @@ def add_commands(sub) -> None:
     add_device_arguments(p)
     p.set_defaults(func=_user_errors(cmd_demo))
 
-    for parser in sub.choices.values():
-        one_line_errors(parser)
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pml import cli as language_cli
 from pml.layout import Tokenizer
-from pml_cli import engine_commands
+from pml_cli import engine_commands, serve_commands
 from prompt_cache import DEFAULT_MODEL
 
 
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     language_cli.add_commands(sub)
     engine_commands.add_commands(sub)
-    engine_commands.one_line_errors(parser)
+    serve_commands.add_commands(sub)
+    for p in (parser, *sub.choices.values()):  # every command's bad arguments: one line, exit 2
+        engine_commands.one_line_errors(p)
     return parser
 
 

@@ -137,6 +137,10 @@ class PromptCache:
         self.schemas[schema.name] = SchemaState(schema, layout, encoder.plan(layout, self.policy))
         return layout
 
+    def remove_schema(self, name: str) -> bool:
+        """Forget schema `name` (its stored states stay in the store); True if it was added."""
+        return self.schemas.pop(name, None) is not None
+
     def encode(self, schema: str, progress: encoder.Progress | None = None) -> EncodeReport:
         """Precompute every cacheable module of `schema` into the store (skipping stored ones)."""
         s = self._schema(schema)

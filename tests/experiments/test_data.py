@@ -144,3 +144,15 @@ def test_xml_unsafe_characters_are_dropped(tok):
     item = W.longbench_item(rec, "t", tok, 100)
     _check(item, tok)
     assert "badchars" in item.schema
+
+
+def test_every_registered_experiment_imports_and_takes_arguments():
+    # `pml bench` turns an experiment that fails to import into a "missing" message at run time;
+    # catch that here instead.
+    import argparse
+    import importlib
+
+    from experiments.cli import EXPERIMENTS
+
+    for name in EXPERIMENTS:
+        importlib.import_module(f"experiments.{name}").add_arguments(argparse.ArgumentParser())

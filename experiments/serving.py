@@ -1,0 +1,139 @@
+"""`pml bench serving`: TTFT of a repeated long prompt over the API, and throughput of concurrent clients.
+
+Two `pml serve` processes run on free 127.0.0.1 ports (one caching, one `--no-cache`), with the
+providers' default caching rules (minimum prefix 1,024 tokens, 16-token blocks).
+
+- `repeat`: a system prompt of `--system-tokens` tokens of real text (a different text per repeat,
+  so the first send is cold) and a short question, sent twice through the `openai` client with
+  streaming; TTFT is client-side, to the first text piece. Target: the second send reports
+  `cached_tokens >= 1,024` and its TTFT is >= 15x lower.
+- `concurrent`: `--clients` threads, each sending `--requests` PML prompts over one shared schema
+  (each prompt picks 3 of `--modules` passages and asks its own question), against the caching
+  server and then the no-cache one: requests/s and p50/p95 TTFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import threading
+import time
+from types import SimpleNamespace
+
+from experiments import outputs
+from experiments.data import data_dir
+from experiments.common import document_pool, exact_text, reset_store_dir
+from prompt_cache import DEFAULT_MODEL
+
+QUESTION = "In one sentence: what is the main event described above?"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
+    parser.add_argument("--system-tokens", type=int, default=1500, help="(default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="cold/warm pairs, each with another text (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--requests", type=int, default=3, help="requests per client (default: %(default)s)")
+    parser.add_argument("--modules", type=int, default=10, help="passages in the shared schema (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request (default: %(default)s)")
+    parser.add_argument("--min-prefix", type=int, default=1024, help="(default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=16, help="prefix cache block (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: repeat, concurrent")
+    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/serving/<model>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import openai
+
+    from experiments.cost import _tokenizer, musique_passages
+    from experiments.live import live_server
+    from prompt_cache.models import load_tokenizer
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    out = outputs.run_dir(f"serving/{args.model.replace(':', '-').replace('/', '_')}", args.out)
+    data = data_dir(args.data)
+    tokenizer = _tokenizer(args.model, load_tokenizer)
+    flags = ["--min-prefix", str(args.min_prefix), "--block-size", str(args.block_size)]
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    result: dict = {"model": args.model}
+    with live_server(args.model, "--store", str(reset_store_dir(out / "store-scratch")), *flags,
+                     log=out / "server-cache.log") as on_url, \
+            live_server(args.model, "--no-cache", "--store", str(reset_store_dir(out / "store-nocache")), *flags,
+                        log=out / "server-nocache.log") as off_url:
+        on, off = SimpleNamespace(url=on_url), SimpleNamespace(url=off_url)
+        client = {u: openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=900)
+                  for u in (on.url, off.url)}
+
+        def send(url: str, **kw) -> tuple[float, dict]:
+            t0 = time.perf_counter()
+            stream = client[url].chat.completions.create(model=args.model, max_tokens=args.max_tokens, temperature=0,
+                                                         stream=True, stream_options={"include_usage": True}, **kw)
+            first, usage = None, None
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter()
+                if chunk.usage is not None:
+                    usage = chunk.usage.model_dump()
+            return ((first or time.perf_counter()) - t0) * 1e3, usage
+
+        if "repeat" not in skip:
+            pool = document_pool(data, tokenizer, args.system_tokens * args.repeats + 64)
+            pairs = []
+            for r in range(args.repeats):
+                text, _ = exact_text(tokenizer, pool[r * args.system_tokens:], args.system_tokens)
+                msgs = [{"role": "system", "content": text}, {"role": "user", "content": QUESTION}]
+                cold, u1 = send(on.url, messages=msgs)
+                warm, u2 = send(on.url, messages=msgs)
+                pairs.append({"repeat": r, "prompt_tokens": u2["prompt_tokens"],
+                              "cached_tokens_first": u1["prompt_tokens_details"]["cached_tokens"],
+                              "cached_tokens_second": u2["prompt_tokens_details"]["cached_tokens"],
+                              "ttft_ms_first": round(cold, 1), "ttft_ms_second": round(warm, 1),
+                              "ratio": round(cold / warm, 2)})
+            result["repeat"] = {"pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+
+        if "concurrent" not in skip:
+            from pml.builder import PromptBuilder, SchemaBuilder
+
+            passages = musique_passages(data, args.modules)
+            b = SchemaBuilder("shared")
+            b.system("Answer the question from the passages you are given.")
+            for i, text in enumerate(passages):
+                b.module(f"p{i}", text=text)
+            schema = b.to_xml()
+            prompts = []
+            for c in range(args.clients):
+                for k in range(args.requests):
+                    n = len(passages)
+                    pick = sorted({(c + k) % n, (c + 2 * k + 3) % n, (3 * c + k + 5) % n})
+                    p = PromptBuilder("shared")
+                    for i in pick:
+                        p.use(f"p{i}")
+                    prompts.append((c, p.user(f"Question {c}.{k}: which places are named, and when?").to_xml()))
+            result["concurrent"] = {}
+            for name, url in (("cache", on.url), ("no-cache", off.url)):
+                client[url]._client.post(url + "/v1/schemas", json={"pml": schema, "pin": True}).raise_for_status()
+                ttfts, lock = [], threading.Lock()
+
+                def session(c: int) -> None:
+                    for cc, xml in prompts:
+                        if cc == c:
+                            t, _ = send(url, messages=[], extra_body={"pml": xml})
+                            with lock:
+                                ttfts.append(t)
+
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(args.clients) as ex:
+                    list(ex.map(session, range(args.clients)))
+                wall = time.perf_counter() - t0
+                q = statistics.quantiles(ttfts, n=20)
+                result["concurrent"][name] = {"requests": len(ttfts), "wall_s": round(wall, 2),
+                                              "requests_per_s": round(len(ttfts) / wall, 3),
+                                              "ttft_ms_p50": round(statistics.median(ttfts), 1),
+                                              "ttft_ms_p95": round(q[18], 1)}
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
