@@ -1,7 +1,6 @@
 """Speculative decoding: output equals plain greedy decoding for every drafter and k; stats add up."""
 
 import pytest
-import torch
 
 from prompt_cache import generation, speculative
 from prompt_cache.engine import PromptCache
