@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attention_store.entry import EntryMeta, KVEntry, payload_checksum
@@ -209,12 +210,13 @@ def _bytes_by_device(entry: KVEntry) -> dict[str, int]:
     return out
 
 
-def _read_file(path: Path, limit: int | None = None) -> tuple[bytearray, os.stat_result]:
+def _read_file(path: Path, limit: int | None = None) -> tuple[np.ndarray, os.stat_result]:
     """The bytes of regular file `path` (at most `limit`) and its stat; never follows a symlink.
 
     The bytes are a private copy: nothing read here changes when the file is later rewritten or
-    truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation). A
-    bytearray, read into once, so tensors can be views of it without a second copy.
+    truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation). An
+    uninitialised uint8 array read into once (a bytearray's zero-fill doubled the load time of a
+    176 MiB entry here: 248 ms vs 130 ms), so tensors can be views of it without a second copy.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO cannot hang us
     with os.fdopen(fd, "rb", buffering=0) as fh:
@@ -222,16 +224,16 @@ def _read_file(path: Path, limit: int | None = None) -> tuple[bytearray, os.stat
         if not stat.S_ISREG(st.st_mode):
             raise ValueError("not a regular file")
         size = st.st_size if limit is None else min(st.st_size, limit)
-        buf = bytearray(size)
-        got = fh.readinto(buf)
+        buf = np.empty(size, dtype=np.uint8)
+        got = fh.readinto(memoryview(buf))
         if got != size:
             raise ValueError(f"read {got} of {size} bytes (the file changed while being read)")
         return buf, st
 
 
-def _tensors(buf: bytearray, header: dict) -> dict[str, torch.Tensor]:
+def _tensors(buf: np.ndarray, header: dict) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buf`, as views of `buf` (our private copy)."""
-    start = 8 + int.from_bytes(buf[:8], "little")
+    start = 8 + int.from_bytes(buf[:8].tobytes(), "little")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -246,19 +248,19 @@ def _tensors(buf: bytearray, header: dict) -> dict[str, torch.Tensor]:
             count *= d
         if hi - lo != count * dtype.itemsize or start + hi > len(buf) or lo < 0:
             raise ValueError(f"tensor {name}: offsets {lo}..{hi} do not fit its shape {shape} or the file")
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + lo) if count else torch.empty(0, dtype=dtype)
+        t = torch.frombuffer(memoryview(buf), dtype=dtype, count=count, offset=start + lo) if count else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(shape)
     return out
 
 
-def _header(data: bytes) -> dict:
+def _header(data: np.ndarray) -> dict:
     """The safetensors JSON header at the start of `data` (`__metadata__` holds our string metadata)."""
     if len(data) < 8:
         raise ValueError("file shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
+    n = int.from_bytes(data[:8].tobytes(), "little")
     if n > MAX_HEADER_BYTES or 8 + n > len(data):
         raise ValueError(f"header of {n} bytes does not fit the file")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8:8 + n].tobytes())
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header
