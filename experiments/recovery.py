@@ -38,7 +38,7 @@ def summarize(rows: list[dict], policies: list[str]) -> list[dict]:
             "setting": p, "n": len(got),
             "ttft_ms": round(ttft, 1),
             "ttft_vs_independent": round(ttft / base_ttft, 2) if base_ttft else None,
-            "mean_kl": round(statistics.mean(kls), 5) if kls else None,
+            "mean_kl": (round(statistics.mean(kls), 5) or 0.0) if kls else None,  # no "-0" from rounding
             "first_token_%": round(100 * statistics.mean(g["first_token_same"] for g in got), 1),
             "identical_%": round(100 * statistics.mean(g["identical"] for g in got), 1),
             "score": round(100 * statistics.mean(g["score"] for g in got), 2),
