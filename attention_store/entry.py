@@ -147,8 +147,9 @@ def payload_checksum(tensors: Mapping[str, torch.Tensor], header: str = "") -> s
     The header is inside the hash so that metadata (schema, module, key) cannot be edited without
     the checksum failing. XXH3 (the `xxhash` package) rather than sha256: this guards against
     damage, not against an attacker who can write the store (token ids and positions are checked
-    against the plan separately), and it runs at memory speed: 20 ms for a 191 MB entry here
-    against 130 ms for sha256. Tensors are hashed through their buffers, without a bytes copy.
+    against the plan separately), and it runs at memory speed: about 11-30 ms for a 176 MiB entry in
+    the speed benchmark's profile, where sha256 took 117 ms (docs/RESULTS.md, speed benchmark).
+    Tensors are hashed through their buffers, without a bytes copy.
     """
     import xxhash
 

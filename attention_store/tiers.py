@@ -215,8 +215,9 @@ def _read_file(path: Path, limit: int | None = None) -> tuple[np.ndarray, os.sta
 
     The bytes are a private copy: nothing read here changes when the file is later rewritten or
     truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation). An
-    uninitialised uint8 array read into once (a bytearray's zero-fill doubled the load time of a
-    176 MiB entry here: 248 ms vs 130 ms), so tensors can be views of it without a second copy.
+    uninitialised uint8 array read into once (a bytearray's zero-fill nearly doubled the load of a
+    176 MiB entry in the speed benchmark's profile: 236 ms vs 132 ms, docs/RESULTS.md), so tensors
+    can be views of it without a second copy.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO cannot hang us
     with os.fdopen(fd, "rb", buffering=0) as fh:

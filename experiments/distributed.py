@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 from attention_store.fileio import atomic_write
+from experiments import outputs
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,7 @@ def merge_shards(path: Path) -> int:
         return 0
     rows: dict[str, dict] = {}
     for p in [path, *shards]:
-        if not p.is_file():
-            continue
-        for line in p.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a killed process: that item is redone on resume
+        for row in outputs.read_rows(p):
             rows.setdefault(row["id"], row)
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows.values()))
     for p in shards:

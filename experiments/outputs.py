@@ -27,6 +27,18 @@ def run_dir(name: str, out: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def read_rows(path: Path) -> Iterable[dict]:
+    """The JSON rows of a JSONL file (none if it is missing); a line cut by a killed run is skipped,
+    so that item is simply redone."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 class ItemLog:
     """Append-only JSON lines keyed by an item id; `done(id)` tells what an earlier run finished.
 
@@ -38,13 +50,7 @@ class ItemLog:
         self.path = path
         self.rows: dict[str, dict] = {}
         for p in [*also_read, path]:
-            if not p.is_file():
-                continue
-            for line in p.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a killed run: that item is simply redone
+            for row in read_rows(p):
                 self.rows[row["id"]] = row
 
     def done(self, item_id: str) -> bool:

@@ -172,11 +172,12 @@ def _model_args(p, writable_store: bool = False) -> None:
 
 
 def _threads_arg(p) -> None:
-    p.add_argument("--threads", type=_threads, metavar="N",
+    p.add_argument("--threads", type=thread_count, metavar="N",
                    help="torch CPU threads (default: $PML_THREADS, else free cores by the load average)")
 
 
-def _threads(text: str) -> int:
+def thread_count(text: str) -> int:
+    """argparse type of `--threads` (every command that runs the model)."""
     from prompt_cache.threads import parse_threads
 
     try:

@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from pml_cli.engine_commands import thread_count
 from prompt_cache import DEFAULT_MODEL
 
 
@@ -24,7 +25,8 @@ def add_commands(sub) -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accepted API key (repeatable); without one, no authentication")
     p.add_argument("--salt-per-key", action="store_true", help="isolate each API key's cache from the others'")
-    p.add_argument("--threads", type=int, help="torch threads of the model worker (default: $PML_THREADS, else free cores)")
+    p.add_argument("--threads", type=thread_count, metavar="N",
+                   help="torch threads of the model worker (default: $PML_THREADS, else free cores by the load average)")
     p.add_argument("--semantic-cache", type=_threshold, metavar="THRESHOLD",
                    help="answer a question whose embedding is at least THRESHOLD cosine-similar to an earlier one "
                         "in the same context and tenant from that earlier answer, without the model (off by default; "

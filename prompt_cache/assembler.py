@@ -33,8 +33,15 @@ class Assembled:
     fresh_positions: torch.Tensor  # [fresh] their position ids
     next_position: int  # where decoding continues
     cache_ids: torch.Tensor | None = None  # [cached_tokens] token id of every cached state
-    cache_units: tuple[str, ...] = ()  # [cached_tokens] unit path each cached state came from
+    # (unit path, token count) per run of the cache, in cache order: which unit each cached state came
+    # from, kept per run so assembly (the TTFT path) builds nothing per token; see `cache_units`.
+    cache_spans: tuple[tuple[str, int], ...] = ()
     recomputed: torch.Tensor | None = None  # position ids of cached tokens recomputed at assembly (recovery)
+
+    @property
+    def cache_units(self) -> tuple[str, ...]:
+        """[cached_tokens] the unit path of every cached state (expanded from `cache_spans`)."""
+        return tuple(u for u, n in self.cache_spans for _ in range(n))
 
     @property
     def cached_tokens(self) -> int:
@@ -110,14 +117,14 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
                                   [layer("values", i) for i in range(n_layers)])
         cache_positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
         cache_ids = torch.cat([e.token_ids[lo:hi] for e, lo, hi in pieces])
-        cache_units = tuple(u for e, lo, hi in pieces for u in [e.meta.module] * (hi - lo))
+        cache_spans = tuple((e.meta.module, hi - lo) for e, lo, hi in pieces)
     else:
         cache, cache_positions = adapter.new_cache(), torch.zeros(0, dtype=torch.long)
-        cache_ids, cache_units = torch.zeros(0, dtype=torch.long), ()
+        cache_ids, cache_spans = torch.zeros(0, dtype=torch.long), ()
     ids, pos = fresh_tokens(layout, bound)
     return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
                      torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids),
-                     cache_ids.cpu(), cache_units)
+                     cache_ids.cpu(), cache_spans)
 
 
 def _per_layer(device, n_layers: int) -> list[torch.device]:

@@ -27,7 +27,8 @@ class RecomputeContext:
         self.ready = ready
         self.positions = ready.cache_positions  # [n]
         self.order = self.positions.argsort()  # cache indices in position order
-        self.blocks = _blocks(ready.cache_units, self.order)
+        self.units = ready.cache_units  # [n] unit path of every cached token
+        self.blocks = _blocks(self.units, self.order)
         self.probe_layer: int | None = None
         self.probe_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -75,8 +76,8 @@ def recompute(lm, ready: Assembled, policy: EncodingPolicy) -> Assembled:
     q_pos, r_pos = pos[chosen], pos[rest]
     allowed = torch.cat([r_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
     adapter.forward(lm.model, ids[chosen], q_pos, cache, r_pos, allowed=allowed, last_only=True)
-    units = ready.cache_units
+    units = ctx.units
     return dataclasses.replace(
         ready, cache=cache, cache_positions=torch.cat([r_pos, q_pos]), cache_ids=torch.cat([ids[rest], ids[chosen]]),
-        cache_units=tuple(units[i] for i in torch.cat([rest, chosen]).tolist()), recomputed=q_pos.sort().values)
+        cache_spans=tuple((units[i], 1) for i in torch.cat([rest, chosen]).tolist()), recomputed=q_pos.sort().values)
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pml.errors import PMLError
 from prompt_cache.generation import GenerationConfig
+from prompt_cache.semantic.engine_hook import pml_context
 from serving import protocol as P
 from serving.metrics import Metrics
 from serving.render import Block, Message, RenderError, render_chat, render_text
@@ -205,7 +206,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
             except PMLError as e:
                 raise ApiError(400, str(e), param="pml") from None
             fn = functools.partial(worker.answer_pml, body.pml, config, salt)
-            question, context = _pml_question(body.pml, s, bound)
+            question, context = pml_context(body.pml, s, bound)
         else:
             messages = [_openai_message(m) for m in body.messages]
             try:
@@ -340,17 +341,6 @@ def _chat_question(messages: list[Message]) -> tuple[str, dict]:
     text = lambda m: "".join(b.text for b in m.blocks)  # noqa: E731
     *history, last = messages
     return text(last), {"history": [(m.role, text(m)) for m in history], "role": last.role}
-
-
-def _pml_question(prompt: str, s, bound) -> tuple[str, dict]:
-    """For the semantic cache: a PML prompt's last user turn (or last text) is the question; the
-    schema's layout, the selected modules, parameter values and the prompt's other text are its context."""
-    from pml.parser import parse_prompt
-    from prompt_cache.semantic.engine_hook import layout_digest, split_question
-
-    question, others = split_question(parse_prompt(prompt))
-    return question, {"layout": layout_digest(s.layout), "modules": list(bound.modules), "others": others,
-                      "arguments": sorted((f"{path}/{name}", list(ids)) for (path, name), ids in bound.arguments.items())}
 
 
 def _openai_message(m: P.ChatMessage) -> Message:

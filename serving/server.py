@@ -28,7 +28,7 @@ class ServeConfig:
     schemas: tuple[str, ...] = ()  # PML schema files registered (and pinned) at start, read by the operator
     api_keys: tuple[str, ...] = ()  # accepted keys; empty = no authentication
     salt_per_key: bool = False  # isolate each API key's cache (the key goes into every cache salt)
-    threads: int | None = None  # torch threads of the model worker (None: torch's default)
+    threads: int | None = None  # torch threads of the model worker (None: prompt_cache.threads' default)
     use_cache: bool = True  # False (--no-cache): every prompt fully computed, nothing stored
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     limits: Limits = field(default_factory=Limits)

@@ -17,15 +17,13 @@ from __future__ import annotations
 import torch
 
 from attention_store.policies.base import RecomputeContext, register
-from attention_store.policies.independent import Independent
+from attention_store.policies.independent import RecoveryBase
 
 CHECK_LAYER = 1  # the second decoder layer: early, as CacheBlend picks it, and past the first's special role
 
 
 @register("blend")
-class Blend(Independent):
-    needs_assembly = True
-
+class Blend(RecoveryBase):
     def __init__(self, arg: str | None = None):
         try:
             ratio = float(arg) if arg is not None else float("nan")
@@ -33,16 +31,12 @@ class Blend(Independent):
             ratio = float("nan")
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"policy blend needs a recompute ratio between 0 and 1, e.g. blend:0.15 (got blend:{arg})")
-        super().__init__(None)
+        super().__init__()
         self.ratio = ratio
 
     @property
     def spec(self) -> str:
         return f"blend:{self.ratio:g}"
-
-    @property
-    def key_spec(self) -> str:
-        return "independent"
 
     def recompute_set(self, ctx: RecomputeContext) -> torch.Tensor:
         n = ctx.positions.numel()

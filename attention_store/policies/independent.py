@@ -33,3 +33,17 @@ class Independent(EncodingPolicy):
         if self.sink:
             out |= np.array([g.leading for g in groups])[None, :]
         return out
+
+
+class RecoveryBase(Independent):
+    """A recovery policy: encodes (and keys its entries) exactly like `independent`, then recomputes
+    some cached tokens at assembly (`recompute_set`), so it shares independent's stored states."""
+
+    needs_assembly = True
+
+    def __init__(self):
+        super().__init__(None)
+
+    @property
+    def key_spec(self) -> str:
+        return "independent"

@@ -14,26 +14,20 @@ from __future__ import annotations
 import torch
 
 from attention_store.policies.base import ROOT, RecomputeContext, register
-from attention_store.policies.independent import Independent
+from attention_store.policies.independent import RecoveryBase
 
 
 @register("link")
-class Link(Independent):
-    needs_assembly = True
-
+class Link(RecoveryBase):
     def __init__(self, arg: str | None = None):
         if arg is None or not arg.isdigit():
             raise ValueError(f"policy link needs a token count, e.g. link:16 (got link:{arg})")
-        super().__init__(None)
+        super().__init__()
         self.k = int(arg)
 
     @property
     def spec(self) -> str:
         return f"link:{self.k}"
-
-    @property
-    def key_spec(self) -> str:
-        return "independent"
 
     def recompute_set(self, ctx: RecomputeContext) -> torch.Tensor:
         first_module = next((i for i, (unit, _) in enumerate(ctx.blocks) if unit != ROOT), len(ctx.blocks))

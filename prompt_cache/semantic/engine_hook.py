@@ -82,18 +82,25 @@ class L1Request:
         return result
 
 
-def request(pc, prompt, s, bound, use_cache: bool, config, tenant: str = "") -> L1Request:
-    """Everything `answer` needs to consult pc.semantic_cache for one bound prompt."""
+def pml_context(prompt, s, bound) -> tuple[str, dict]:
+    """A PML prompt's question (its last `<user>` turn, or last text) and the rest of what makes its
+    answer: the schema's layout, the selected modules, parameter values and the prompt's other text."""
     from pml.model import Prompt
     from pml.parser import parse_prompt
 
     question, others = split_question(prompt if isinstance(prompt, Prompt) else parse_prompt(prompt))
+    return question, {
+        "layout": layout_digest(s.layout), "modules": list(bound.modules), "others": others,
+        "arguments": sorted((f"{path}/{name}", list(ids)) for (path, name), ids in bound.arguments.items())}
+
+
+def request(pc, prompt, s, bound, use_cache: bool, config, tenant: str = "") -> L1Request:
+    """Everything `answer` needs to consult pc.semantic_cache for one bound prompt."""
+    question, parts = pml_context(prompt, s, bound)
     lm = pc.lm
     key = context_key(
         model=lm.fingerprint, tokenizer=lm.tokenizer.fingerprint, policy=pc.policy.spec,
-        storage_dtype=str(pc.storage_dtype), layout=layout_digest(s.layout), modules=list(bound.modules),
-        arguments=sorted((f"{path}/{name}", list(ids)) for (path, name), ids in bound.arguments.items()),
-        others=others, use_cache=use_cache, generation=dataclasses.asdict(config),
+        storage_dtype=str(pc.storage_dtype), **parts, use_cache=use_cache, generation=dataclasses.asdict(config),
         embedder=pc.semantic_cache.embedder.name)
     t = pc.clock.now()
     vector = pc.semantic_cache.embed(question)

@@ -59,8 +59,9 @@ class FaissIndex:
 
     `omp_threads` (default 1) sets faiss's OpenMP thread count, which is process-wide: one query
     over a small partition gains nothing from threads, and on a busy 2-core machine the OpenMP
-    spin-waits made create + add + search + remove of a 10-vector index 20x slower (8.2 ms against
-    0.42 ms a cycle, measured once on this shared machine). None leaves the setting alone.
+    spin-waits made create + add + search + remove of a 10-vector index far slower (8.2 ms against
+    0.42 ms a cycle, in one scratch timing on this shared machine, not a benchmark kept in the
+    repository: a rough figure). None leaves the setting alone.
     """
 
     def __init__(self, dim: int, omp_threads: int | None = 1):

@@ -63,3 +63,17 @@ def test_forward_refuses_positions_that_do_not_match_the_cache():
     adapter.forward(lm.model, torch.arange(3, 8), torch.arange(5), cache, None)
     with pytest.raises(AssertionError, match="cache holds 5 tokens but 4 cache positions"):
         adapter.forward(lm.model, torch.tensor([9]), torch.tensor([5]), cache, torch.arange(4))
+
+
+def test_forward_until_fills_only_the_asked_layers_and_refuses_others():
+    lm = tiny_model("gemma3")  # 4 layers
+    cache = adapter.forward_until(lm.model, torch.arange(3, 12), torch.arange(9), last_layer=1)
+    full = adapter.new_cache()
+    adapter.forward(lm.model, torch.arange(3, 12), torch.arange(9), full, None)
+    keys, _ = adapter.cache_kv(cache)
+    # expected: layers 0 and 1 equal the full forward's; layers 2 and 3 were never computed
+    for i in (0, 1):
+        torch.testing.assert_close(keys[i], adapter.cache_kv(full)[0][i], atol=1e-6, rtol=0)
+    assert len(keys) == 2
+    with pytest.raises(ValueError, match="layer 4 out of range: the model has 4 decoder layers"):
+        adapter.forward_until(lm.model, torch.arange(3, 12), torch.arange(9), last_layer=4)

@@ -9,21 +9,6 @@ import pytest
 
 from pml_cli.main import main
 
-SCHEMA = """<schema name="notes">
-  Notes.
-  <module name="a">First note about rivers and lakes.</module>
-  <module name="b">Second note about <parameter name="thing" length="8" scaffold="hills"/>.</module>
-</schema>"""
-PROMPT = '<prompt schema="notes"><a/><b thing="peaks"/>What do the notes say?</prompt>'
-
-
-@pytest.fixture
-def files(tmp_path):
-    (tmp_path / "s.pml").write_text(SCHEMA)
-    (tmp_path / "p.pml").write_text(PROMPT)
-    return tmp_path
-
-
 def run_json(capsys, *argv):
     assert main(list(argv)) == 0
     return json.loads(capsys.readouterr().out)

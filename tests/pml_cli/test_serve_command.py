@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from pml_cli.main import main
 
@@ -76,3 +77,15 @@ def test_malformed_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
                  "--schema", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pml: error: 2: error: malformed XML")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--semantic-cache", "2", "cosine similarity in (0, 1]"),
+    ("--semantic-cache", "high", "cosine similarity in (0, 1]"),
+    ("--threads", "0", "positive integer"),
+])
+def test_bad_semantic_threshold_or_threads_fail_at_parse_time(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "tiny:llama", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err
