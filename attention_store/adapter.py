@@ -75,6 +75,14 @@ def cache_kv(cache: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch
     return tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
 
 
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` states of every layer (a rollback after decoding or rejected drafts)."""
+    for layer in cache.layers:
+        # Views: the next update concatenates into a new tensor, so the dropped tail is never reused.
+        layer.keys = layer.keys[:, :, :length]  # (1, kv_heads, length, head_dim)
+        layer.values = layer.values[:, :, :length]
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)

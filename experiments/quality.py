@@ -126,7 +126,7 @@ class Runner:
         identical, encode_ms = self._enter(item)
         cfg = GenerationConfig(max_new_tokens=max_new_tokens)
         first = next(iter(self.caches.values()))
-        base = first.answer(item.prompt, use_cache=False, config=cfg)
+        base, base_lp = first.answer_scored(item.prompt, use_cache=False, config=cfg, limit=self.kl_tokens)
         base_score = metrics.score_item(item.metric, base.text, item.answers, item.all_classes, item.first_line)
         row = {"id": item.id, "task": item.task, "metric": item.metric, "answers": list(item.answers),
                "max_new_tokens": max_new_tokens, "modules": item.modules,
@@ -136,17 +136,14 @@ class Runner:
                "baseline": {"text": base.text, "score": base_score, "tokens": len(base.token_ids),
                             "ttft_ms": base.timing.ttft_ms, "prompt_tokens": base.usage.prompt_tokens,
                             "finish_reason": base.finish_reason}}
-        base_lp = None
-        forced = list(base.token_ids[: self.kl_tokens])
-        if forced:
-            base_lp = first.logprobs(item.prompt, forced, use_cache=False)
+        forced = list(base.token_ids[: self.kl_tokens])  # empty when kl_tokens is 0: no scoring
         for i, (policy, pc) in enumerate(self.caches.items()):
             if i > 0 and identical and not self.rerun_identical:
                 # Same tokens, positions and masks as the first policy: the same states, so the same answer.
                 first_policy = next(iter(self.caches))
                 row[policy] = {**row[first_policy], "reused_from": first_policy}
                 continue
-            res = pc.answer(item.prompt, use_cache=True, config=cfg)
+            res, lp = pc.answer_scored(item.prompt, forced, use_cache=True, config=cfg)
             out = {"text": res.text,
                    "score": metrics.score_item(item.metric, res.text, item.answers, item.all_classes, item.first_line),
                    "tokens": len(res.token_ids), "identical": res.token_ids == base.token_ids,
@@ -156,7 +153,7 @@ class Runner:
                    "recomputed_tokens": res.usage.recomputed_tokens, "recompute_ms": res.timing.recompute_ms,
                    "finish_reason": res.finish_reason, "kl": None}
             if base_lp is not None:
-                out["kl"] = metrics.mean_kl(base_lp, pc.logprobs(item.prompt, forced, use_cache=True))
+                out["kl"] = metrics.mean_kl(base_lp, lp)
             row[policy] = out
         row["wall_s"] = clock.now() - t0
         return row

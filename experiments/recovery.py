@@ -131,20 +131,19 @@ def compare_policies(lm, store, schema, prompt, policies: list[str], max_new_tok
     for pc in caches.values():
         pc.add_schema(schema)
     first = next(iter(caches.values()))
-    base = first.answer(prompt, use_cache=False, config=cfg)
+    base, base_lp = first.answer_scored(prompt, use_cache=False, config=cfg, limit=kl_tokens)
     forced = list(base.token_ids[:kl_tokens])
-    base_lp = first.logprobs(prompt, forced, use_cache=False) if forced else None
     out = {"baseline": {"text": base.text, "ttft_ms": round(base.timing.ttft_ms, 1),
                         "prompt_tokens": base.usage.prompt_tokens}, "policies": []}
     for p, pc in caches.items():
         pc.answer(prompt, config=GenerationConfig(max_new_tokens=1))  # encode what is missing, outside the timing
-        r = pc.answer(prompt, config=cfg)
+        r, lp = pc.answer_scored(prompt, forced, config=cfg)
         context = r.usage.cached_tokens + r.usage.recomputed_tokens
         out["policies"].append({
             "policy": p, "ttft_ms": round(r.timing.ttft_ms, 1), "recompute_ms": round(r.timing.recompute_ms, 1),
             "recomputed_tokens": r.usage.recomputed_tokens,
             "recomputed_%": round(100 * r.usage.recomputed_tokens / context, 1) if context else 0.0,
             "first_token_same": r.token_ids[:1] == base.token_ids[:1],
-            "mean_kl": round(metrics.mean_kl(base_lp, pc.logprobs(prompt, forced)), 5) if forced else None,
+            "mean_kl": round(metrics.mean_kl(base_lp, lp), 5) if forced else None,
             "identical": r.token_ids == base.token_ids, "text": r.text})
     return out

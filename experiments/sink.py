@@ -52,19 +52,16 @@ def run(args) -> int:
         config = GenerationConfig(max_new_tokens=min(args.max_new_tokens, item.max_new_tokens))
         base_pc = PromptCache(lm)
         base_pc.add_schema(item.schema)
-        base = base_pc.answer(item.prompt, use_cache=False, config=config)
+        base, ref = base_pc.answer_scored(item.prompt, use_cache=False, config=config)
         row = {"id": item.id, "task": item.task, "modules": item.modules, "baseline": base.text}
         continuation = list(base.token_ids)
-        if continuation:
-            ref = base_pc.logprobs(item.prompt, continuation, use_cache=False)
         for name, policy in variants.items():
             pc = PromptCache(lm, policy=policy)
             pc.add_schema(item.schema)
-            got = pc.answer(item.prompt, config=config)
+            got, lp = pc.answer_scored(item.prompt, continuation, config=config)
             row[f"{name}_identical"] = got.token_ids == base.token_ids
             row[f"{name}_first_token"] = got.token_ids[:1] == base.token_ids[:1]
             if continuation:
-                lp = pc.logprobs(item.prompt, continuation)
                 row[f"{name}_kl"] = metrics.mean_kl(ref, lp)
         log.add(row)
     rows = list(log.rows.values())

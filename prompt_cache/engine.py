@@ -214,10 +214,28 @@ class PromptCache:
                on_text: Callable[[str], None] | None = None) -> Result:
         """Generate for one prompt, in one pass: bind, look up, encode what is missing, assemble,
         prefill, decode. `on_text` receives text pieces as they are decoded (streaming)."""
+        return self._answer(prompt, use_cache, config, on_text)[0]
+
+    def answer_scored(self, prompt: str | bytes | Prompt, continuation: list[int] | None = None,
+                      use_cache: bool = True, config: GenerationConfig = GenerationConfig(),
+                      limit: int | None = None) -> tuple[Result, torch.Tensor | None]:
+        """`answer`, and `logprobs` along `continuation` (None: the answer's own tokens; at most
+        `limit` tokens), from one assembly, recovery and prefill.
+
+        The scoring runs after decoding (outside the answer's timing), over the prompt's cache
+        rewound to its prefill length. Returns (result, log-probabilities or None when nothing is
+        scored). The semantic cache is not consulted: scores need the model.
+        """
+        return self._answer(prompt, use_cache, config, None, continuation, limit, scored=True)
+
+    def _answer(self, prompt, use_cache: bool, config: GenerationConfig, on_text,
+                continuation: list[int] | None = None, limit: int | None = None, scored: bool = False):
         s, bound = self.bind(prompt)
-        l1 = _l1.request(self, prompt, s, bound, use_cache, config) if self.semantic_cache is not None else None
+        l1 = None
+        if self.semantic_cache is not None and not scored:
+            l1 = _l1.request(self, prompt, s, bound, use_cache, config)
         if l1 is not None and (hit := l1.lookup(on_text)) is not None:  # answered without the model
-            return hit
+            return hit, None
         clock = self.clock
         encode_ms = 0.0
         t0 = clock.now()
@@ -236,6 +254,7 @@ class PromptCache:
         t1 = clock.now()
         logits, state = self.prefill(ready)
         t2 = clock.now()
+        prompt_len, prompt_next = state.positions.numel(), state.next_position
         stream, spec = (_speculative.start(self.speculative, self, s, bound, use_cache, state, logits, config)
                         if self.speculative is not None else (None, None))
         tokens, text, reason, t_first = self._decode(state, logits, config, on_text, stream)
@@ -251,7 +270,12 @@ class PromptCache:
                       recomputed_tokens=recomputed)
         result = Result(text, tuple(tokens), usage, timing, reason,
                         speculative=spec.to_json() if spec is not None else None)
-        return l1.remember(result) if l1 is not None else result  # the semantic cache keeps the answer
+        lp = None
+        forced = list(tokens if continuation is None else continuation)[:limit]
+        if scored and forced:
+            generation.rewind(state, prompt_len, prompt_next)
+            lp = generation.score(self.lm, state, logits, forced)
+        return (l1.remember(result) if l1 is not None else result), lp  # the semantic cache keeps the answer
 
     def answer_batch(self, prompts: Iterable[str | bytes | Prompt], use_cache: bool = True,
                      config: GenerationConfig = GenerationConfig()) -> list[Result]:
@@ -266,10 +290,7 @@ class PromptCache:
         """
         s, bound = self.bind(prompt)
         logits, state = self.prefill(self.recover(self.assemble(s, bound)) if use_cache else self.baseline(s, bound))
-        rows = [logits]
-        for token in continuation[:-1]:
-            rows.append(generation.decode_step(self.lm, state, token))
-        return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+        return generation.score(self.lm, state, logits, list(continuation))
 
     # -- helpers -------------------------------------------------------------------------------
     def _decode(self, state, logits, config, on_text, stream=None):

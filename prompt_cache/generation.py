@@ -83,6 +83,32 @@ def decode_step(lm, state: DecodeState, token: int) -> torch.Tensor:
     return logits
 
 
+def score(lm, state: DecodeState, first_logits: torch.Tensor, continuation: list[int]) -> torch.Tensor:
+    """Log-probabilities `[len(continuation), vocab]` along a forced continuation, in one forward.
+
+    Row i predicts `continuation[i]`: row 0 is `first_logits` (the prefill's), the others come from
+    one forward of `continuation[:-1]` at the next positions over the cache (teacher forcing). The
+    cache grows by those tokens; `rewind` takes them back off.
+    """
+    rows = [first_logits[None]]
+    if len(continuation) > 1:
+        n = len(continuation) - 1
+        pos = torch.arange(state.next_position, state.next_position + n)
+        rows.append(adapter.forward(lm.model, torch.tensor(continuation[:-1], dtype=torch.long), pos,
+                                    state.cache, state.positions))
+        state.positions = torch.cat([state.positions, pos])
+        state.next_position += n
+    return torch.log_softmax(torch.cat(rows).float(), dim=-1)
+
+
+def rewind(state: DecodeState, keep: int, next_position: int) -> None:
+    """Keep the first `keep` cached states of every layer (and positions); continue at `next_position`."""
+    assert 0 <= keep <= state.positions.numel(), f"cannot keep {keep} of {state.positions.numel()} states"
+    adapter.truncate(state.cache, keep)
+    state.positions = state.positions[:keep]
+    state.next_position = next_position
+
+
 def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> int:
     """Greedy when temperature is 0, else temperature + top-p sampling."""
     if cfg.temperature == 0:

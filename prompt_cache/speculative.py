@@ -109,7 +109,7 @@ class ModelDrafter:
     def propose(self, sequence: Sequence[int], k: int) -> list[int]:
         common = _common_prefix(self.fed, sequence)
         if common < len(self.fed):  # drop states of drafts the model rejected
-            rollback(self.state, self.prompt_len + common, self.prompt_next + common)
+            generation.rewind(self.state, self.prompt_len + common, self.prompt_next + common)
             self.fed = self.fed[:common]
         todo = list(sequence[common:])
         # The sequence grows by at least one token per verification, so after a rollback something is
@@ -143,17 +143,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def rollback(state: DecodeState, keep: int, next_position: int) -> None:
-    """Keep the first `keep` cached states of every layer (and positions); continue at `next_position`."""
-    assert 0 <= keep <= state.positions.numel(), f"cannot keep {keep} of {state.positions.numel()} states"
-    for layer in state.cache.layers:
-        # Views: the next update concatenates into a new tensor, so the dropped tail is never reused.
-        layer.keys = layer.keys[:, :, :keep]  # (1, kv_heads, keep, head_dim)
-        layer.values = layer.values[:, :, :keep]
-    state.positions = state.positions[:keep]
-    state.next_position = next_position
-
-
 def verify(lm, state: DecodeState, token: int, draft: list[int]) -> tuple[list[int], int]:
     """Feed `token` + `draft` in one forward; (accepted draft prefix, the model's next token).
 
@@ -167,7 +156,7 @@ def verify(lm, state: DecodeState, token: int, draft: list[int]) -> tuple[list[i
     choice = logits.argmax(dim=-1).tolist()
     n = _common_prefix(draft, choice)
     state.positions = torch.cat([state.positions, pos])
-    rollback(state, keep + 1 + n, start + 1 + n)
+    generation.rewind(state, keep + 1 + n, start + 1 + n)
     return draft[:n], choice[n]
 
 

@@ -208,3 +208,19 @@ def test_unknown_policy_or_storage_dtype_is_a_clear_error(lm):
         PromptCache(lm, policy="joint")
     with pytest.raises(ValueError, match="unknown storage dtype 'fp8'.*fp32, fp16, bf16"):
         PromptCache(lm, storage_dtype="fp8")
+
+
+@pytest.mark.parametrize("policy", ["independent", "link:2"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_answer_scored_is_answer_plus_logprobs_from_one_pass(lm, policy, use_cache):
+    pc = PromptCache(lm, policy=policy)
+    pc.add_schema(SCHEMA)
+    plain = pc.answer(PROMPT, use_cache=use_cache, config=GREEDY)
+    got, own = pc.answer_scored(PROMPT, use_cache=use_cache, config=GREEDY, limit=4)
+    assert got.token_ids == plain.token_ids and got.usage == plain.usage
+    torch.testing.assert_close(own, pc.logprobs(PROMPT, list(plain.token_ids[:4]), use_cache=use_cache),
+                               atol=1e-5, rtol=1e-5)
+    forced = [40, 41, 42]
+    _, lp = pc.answer_scored(PROMPT, forced, use_cache=use_cache, config=GREEDY)
+    torch.testing.assert_close(lp, pc.logprobs(PROMPT, forced, use_cache=use_cache), atol=1e-5, rtol=1e-5)
+    assert pc.answer_scored(PROMPT, [], use_cache=use_cache, config=GREEDY)[1] is None

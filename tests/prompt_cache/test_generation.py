@@ -59,3 +59,39 @@ def test_prefill_needs_a_new_token():
     with pytest.raises(AssertionError, match="at least one new token"):
         generation.prefill(lm, adapter.new_cache(), torch.zeros(0, dtype=torch.long),
                            torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+def _gapped_state(lm):
+    cache = adapter.new_cache()
+    ctx_pos = torch.cat([torch.arange(5), torch.arange(20, 25)])
+    adapter.forward(lm.model, torch.arange(3, 13), ctx_pos, cache, None)
+    return generation.prefill(lm, cache, ctx_pos, torch.tensor([40, 41]), torch.tensor([28, 29]), next_position=30)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_score_in_one_forward_equals_step_by_step_decoding(arch):
+    # Teacher forcing the continuation in one forward gives the distributions decoding token by
+    # token gives, at the same explicit positions over a cache with gaps.
+    lm = tiny_model(arch)
+    cont = [7, 8, 9, 10, 11]
+    logits, state = _gapped_state(lm)
+    rows = [logits] + [generation.decode_step(lm, state, t) for t in cont[:-1]]
+    stepwise = torch.log_softmax(torch.stack(rows).float(), dim=-1)
+    logits, state = _gapped_state(lm)
+    scored = generation.score(lm, state, logits, cont)
+    assert scored.shape == (len(cont), lm.model.config.get_text_config().vocab_size)
+    torch.testing.assert_close(scored, stepwise, atol=1e-5, rtol=1e-5)
+    assert state.positions[-4:].tolist() == [30, 31, 32, 33] and state.next_position == 34
+
+
+def test_rewind_then_decode_reproduces_the_first_run():
+    lm = tiny_model("llama")
+    cfg = GenerationConfig(max_new_tokens=6, eos_ids=())
+    logits, state = _gapped_state(lm)
+    keep, nxt = state.positions.numel(), state.next_position
+    first = list(generation.decode(lm, state, logits, cfg))
+    assert state.cache.get_seq_length() > keep
+    generation.rewind(state, keep, nxt)
+    state.generated = []
+    assert state.cache.get_seq_length() == keep and state.next_position == nxt
+    assert list(generation.decode(lm, state, logits, cfg)) == first
