@@ -12,7 +12,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from experiments import outputs, quality
+from experiments import distributed, outputs, quality
 
 DEFAULT_TASKS = "musique,longbench_mini/hotpotqa,longbench_mini/2wikimqa,longbench_mini/musique"
 DEFAULT_POLICIES = ["independent", "schema", "blend:0.05", "blend:0.15", "blend:0.3", "link:4", "link:16", "link:32"]
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = str(outputs.run_dir(f"recovery/{quality._slug(args.model)}", None))
     code = quality.run(args)
-    if code:
+    if code or not distributed.world().is_main:  # the main process writes the summary, once
         return code
     root = Path(args.out)
     rows = [row for f in sorted(root.rglob("items.jsonl")) for row in outputs.ItemLog(f).rows.values()]
