@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attention_store.buffers import empty_bytes
 from attention_store.entry import EntryMeta, KVEntry, payload_checksum
 from attention_store.errors import StoreError
 from attention_store.fileio import publish
@@ -216,8 +217,9 @@ def _read_file(path: Path, limit: int | None = None) -> tuple[np.ndarray, os.sta
     The bytes are a private copy: nothing read here changes when the file is later rewritten or
     truncated in place (a memory-mapped view would, and dies with SIGBUS on truncation). An
     uninitialised uint8 array read into once (a bytearray's zero-fill nearly doubled the load of a
-    176 MiB entry in the speed benchmark's profile: 236 ms vs 132 ms, docs/RESULTS.md), so tensors
-    can be views of it without a second copy.
+    176 MiB entry in the speed benchmark's profile: 236 ms vs 132 ms, docs/RESULTS.md), huge-page
+    backed (`buffers.empty_bytes`: one page fault per 2 MiB, not per 4 KiB), so tensors can be
+    views of it without a second copy.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO cannot hang us
     with os.fdopen(fd, "rb", buffering=0) as fh:
@@ -225,7 +227,7 @@ def _read_file(path: Path, limit: int | None = None) -> tuple[np.ndarray, os.sta
         if not stat.S_ISREG(st.st_mode):
             raise ValueError("not a regular file")
         size = st.st_size if limit is None else min(st.st_size, limit)
-        buf = np.empty(size, dtype=np.uint8)
+        buf = empty_bytes(size)
         got = fh.readinto(memoryview(buf))
         if got != size:
             raise ValueError(f"read {got} of {size} bytes (the file changed while being read)")
