@@ -31,3 +31,17 @@ def empty_bytes(nbytes: int) -> np.ndarray:
         except OSError:  # huge pages unsupported here: an ordinary mapping
             pass
     return np.frombuffer(m, dtype=np.uint8)  # the array keeps the mapping alive
+
+
+def empty_tensor(shape: tuple[int, ...], dtype) -> "torch.Tensor":
+    """An uninitialised CPU tensor, huge-page backed when large (e.g. an assembled KV cache)."""
+    import torch
+
+    count = 1
+    for d in shape:
+        count *= d
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = empty_bytes(count * itemsize)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(memoryview(raw), dtype=dtype, count=count).view(shape)

@@ -24,3 +24,11 @@ def test_a_tensor_view_keeps_the_mapping_alive():
     gc.collect()
     junk = [bytearray(n) for _ in range(3)]  # reuse of freed memory would show as changed values
     assert int(t.sum()) == 3 * n and len(junk) == 3
+
+
+def test_empty_tensor_has_the_shape_and_dtype_and_is_writable():
+    t = buffers.empty_tensor((1, 3, buffers.HUGE_MIN_BYTES // 64, 8), torch.float32)
+    assert t.shape == (1, 3, buffers.HUGE_MIN_BYTES // 64, 8) and t.dtype == torch.float32
+    t.fill_(1.5)
+    assert float(t.sum()) == 1.5 * t.numel()
+    assert buffers.empty_tensor((0, 4), torch.float16).shape == (0, 4)
