@@ -17,10 +17,14 @@ layer keeps all keys and the mask does the windowing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from attention_store.buffers import empty_tensor
 
 
 @dataclass(frozen=True)
@@ -54,19 +58,134 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def new_cache(keys=None, values=None) -> DynamicCache:
+class BufferedLayer(DynamicLayer):
+    """A cache layer over a preallocated buffer `[1, kv_heads, capacity, head_dim]`.
+
+    `DynamicLayer.update` concatenates: every decode step copies the whole layer (about 16 ms per
+    4,000 tokens per step for smollm2-135m), and the prefill over an assembled cache copies it once
+    more. This layer writes updates into its buffer in place; `keys`/`values` are views of the
+    filled length, so everything that reads a DynamicLayer reads this one. When the buffer is full
+    it grows geometrically (one copy). `truncate` only moves the filled length back.
+    """
+
+    def __init__(self, reserve: int = 0, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.reserve = reserve  # room kept beyond the first fill: the tokens still to come
+        self.length = 0
+        self._k = self._v = None
+        if keys is not None:
+            self._allocate(keys, keys.shape[-2] + reserve)
+            self._k[:, :, :keys.shape[-2]].copy_(keys)
+            self._v[:, :, :keys.shape[-2]].copy_(values)
+            self.length = keys.shape[-2]
+            self._views()
+
+    @classmethod
+    def from_parts(cls, key_parts: list[torch.Tensor], value_parts: list[torch.Tensor], reserve: int,
+                   dtype: torch.dtype, device) -> "BufferedLayer":
+        """One layer holding the concatenation of `*_parts` (copied straight into the buffer)."""
+        layer = cls(reserve)
+        n = sum(k.shape[-2] for k in key_parts)
+        layer._allocate(key_parts[0], n + reserve, dtype, device)
+        at = 0
+        for k, v in zip(key_parts, value_parts, strict=True):
+            m = k.shape[-2]
+            layer._k[:, :, at:at + m].copy_(k)
+            layer._v[:, :, at:at + m].copy_(v)
+            at += m
+        layer.length = n
+        layer._views()
+        return layer
+
+    def _allocate(self, like: torch.Tensor, capacity: int, dtype=None, device=None) -> None:
+        """Fresh buffers shaped like `like` (`[1, kv_heads, *, head_dim]`) with `capacity` tokens."""
+        self.dtype, self.device = dtype or like.dtype, torch.device(device or like.device)
+        shape = (*like.shape[:-2], capacity, like.shape[-1])
+        if self.device.type == "cpu":  # huge pages: a fresh buffer costs far fewer page faults
+            self._k, self._v = empty_tensor(shape, self.dtype), empty_tensor(shape, self.dtype)
+        else:
+            self._k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._allocate(key_states, key_states.shape[-2] + self.reserve)
+        self._views()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[-2]:  # out of room: grow geometrically, one copy of the filled part
+            old_k, old_v = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            self._allocate(self._k, max(end, 2 * self._k.shape[-2]))
+            self._k[:, :, :self.length].copy_(old_k)
+            self._v[:, :, :self.length].copy_(old_v)
+        self._k[:, :, self.length:end].copy_(key_states)
+        self._v[:, :, self.length:end].copy_(value_states)
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[-2]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(length, self.length)
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:  # transformers' convention: a negative count
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.truncate(self.length + tokens_to_remove)
+
+    def reset(self) -> None:
+        self.length = 0
+        self._k = self._v = None
+        super().reset()
+
+
+def new_cache(keys=None, values=None, reserve: int | None = None) -> DynamicCache:
     """A cache whose layer i holds `keys[i]`, `values[i]` (`[1, kv_heads, seq, head_dim]`), or empty.
 
-    The tensors are adopted, not copied: `DynamicCache.update` on an empty layer would concatenate
-    onto an empty tensor, one more full copy of the states on the time-to-first-token path. Layers
-    are initialised with a zero-length update (dtype and device) and then hold the given tensors;
-    later updates concatenate into new tensors, so the given ones are never written to.
+    With `reserve` (the tokens still to be added: fresh prompt tokens plus generated ones), the
+    layers are `BufferedLayer`s: the states are copied once into buffers with that much room, and
+    prefill and decoding write in place. Without it the tensors are adopted, not copied (for
+    caches that only a forward or two will extend, e.g. encoding): `DynamicCache.update` on an
+    empty layer would concatenate onto an empty tensor, one more full copy. Either way the given
+    tensors are never written to.
     """
     cache = DynamicCache()
+    if reserve is not None:
+        cache.layer_class_to_replicate = functools.partial(BufferedLayer, reserve)
+        if keys is not None:
+            cache.layers = [BufferedLayer(reserve, k, v) for k, v in zip(keys, values, strict=True)]
+        return cache
     if keys is not None:
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):
             cache.update(k[:, :, :0], v[:, :, :0], i)
             cache.layers[i].keys, cache.layers[i].values = k, v
+    return cache
+
+
+def room(cache: DynamicCache) -> int | None:
+    """Free slots of a cache of `BufferedLayer`s (None for plain layers, or an empty cache)."""
+    layers = cache.layers
+    if not layers or not all(isinstance(layer, BufferedLayer) for layer in layers):
+        return None
+    return min(layer.capacity - layer.length for layer in layers)
+
+
+def buffered_cache(key_parts: list[list[torch.Tensor]], value_parts: list[list[torch.Tensor]], reserve: int,
+                   dtype: torch.dtype, devices: list) -> DynamicCache:
+    """A cache of `BufferedLayer`s, layer i the concatenation of `key_parts[i]` (one copy, into the buffer)."""
+    cache = new_cache(reserve=reserve)
+    cache.layers = [BufferedLayer.from_parts(k, v, reserve, dtype, d)
+                    for k, v, d in zip(key_parts, value_parts, devices, strict=True)]
     return cache
 
 
@@ -78,9 +197,12 @@ def cache_kv(cache: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch
 def truncate(cache: DynamicCache, length: int) -> None:
     """Keep the first `length` states of every layer (a rollback after decoding or rejected drafts)."""
     for layer in cache.layers:
-        # Views: the next update concatenates into a new tensor, so the dropped tail is never reused.
-        layer.keys = layer.keys[:, :, :length]  # (1, kv_heads, length, head_dim)
-        layer.values = layer.values[:, :, :length]
+        if isinstance(layer, BufferedLayer):
+            layer.truncate(length)  # the next update overwrites the dropped tail in place
+        else:
+            # Views: the next update concatenates into a new tensor, so the dropped tail is never reused.
+            layer.keys = layer.keys[:, :, :length]  # (1, kv_heads, length, head_dim)
+            layer.values = layer.values[:, :, :length]
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

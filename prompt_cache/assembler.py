@@ -86,11 +86,14 @@ def fresh_tokens(layout, bound) -> tuple[list[int], list[int]]:
 
 
 def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: torch.dtype,
-             device: torch.device | str | Sequence[torch.device | str] = "cpu") -> Assembled:
+             device: torch.device | str | Sequence[torch.device | str] = "cpu", room: int | None = None) -> Assembled:
     """Concatenate the stored states this prompt uses into one cache (model dtype, model device).
 
     `device` is one device for every layer, or one per layer (`prompt_cache.models.layer_devices`)
     when the model is split across devices: layer i's K/V must be where layer i attends.
+    `room`: tokens to be generated after the prompt. Given, the states are copied straight into
+    preallocated buffers with room for the fresh tokens and those (`adapter.BufferedLayer`), so
+    neither prefill nor decoding copies the cache again; None adopts views where it can.
     """
     devices = _per_layer(device, len(next(iter(entries.values())).keys) if entries else 0)
     # Each piece is a (start, end) run of an entry's tokens to keep: everything but the scaffold
@@ -104,7 +107,14 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
             if _value(bound, unit, seg) == tuple(seg.token_ids):
                 drop &= ~((entry.positions >= seg.start) & (entry.positions < seg.end))
         pieces += [(entry, lo, hi) for lo, hi in _runs(~drop)]
-    if pieces:
+    ids, pos = fresh_tokens(layout, bound)
+    reserve = None if room is None else len(ids) + room
+    if pieces and reserve is not None:
+        n_layers = len(pieces[0][0].keys)
+        parts = lambda which, i: [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]  # noqa: E731 (views)
+        cache = adapter.buffered_cache([parts("keys", i) for i in range(n_layers)],
+                                       [parts("values", i) for i in range(n_layers)], reserve, dtype, devices)
+    elif pieces:
         def layer(which: str, i: int) -> torch.Tensor:
             # Pieces may sit on another device than layer i (a memory tier on one device, a disk
             # load on CPU): move each to layer i's device before the concatenation.
@@ -115,13 +125,13 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
         n_layers = len(pieces[0][0].keys)
         cache = adapter.new_cache([layer("keys", i) for i in range(n_layers)],
                                   [layer("values", i) for i in range(n_layers)])
+    if pieces:
         cache_positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
         cache_ids = torch.cat([e.token_ids[lo:hi] for e, lo, hi in pieces])
         cache_spans = tuple((e.meta.module, hi - lo) for e, lo, hi in pieces)
     else:
-        cache, cache_positions = adapter.new_cache(), torch.zeros(0, dtype=torch.long)
+        cache, cache_positions = adapter.new_cache(reserve=reserve), torch.zeros(0, dtype=torch.long)
         cache_ids, cache_spans = torch.zeros(0, dtype=torch.long), ()
-    ids, pos = fresh_tokens(layout, bound)
     return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
                      torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids),
                      cache_ids.cpu(), cache_spans)

@@ -184,19 +184,20 @@ class PromptCache:
         """Encode units missing from the store (and store them)."""
         return encoder.encode_missing(s.plan, self.lm, self.store, self.storage_dtype, missing)
 
-    def assemble(self, s: SchemaState, bound: BoundPrompt,
-                 entries: dict[str, KVEntry] | None = None) -> assembler.Assembled:
+    def assemble(self, s: SchemaState, bound: BoundPrompt, entries: dict[str, KVEntry] | None = None,
+                 room: int | None = None) -> assembler.Assembled:
         """Copy the prompt's stored states into one cache (looking them up, and encoding what is
         missing, unless `entries` are given)."""
         if entries is None:
             entries, missing = self.lookup(s, bound)
             entries.update(self.encode_missing(s, missing))
-        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.layer_devices)
+        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.layer_devices, room)
 
-    def baseline(self, s: SchemaState, bound: BoundPrompt) -> assembler.Assembled:
-        """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache."""
+    def baseline(self, s: SchemaState, bound: BoundPrompt, room: int | None = None) -> assembler.Assembled:
+        """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache (with
+        `room` for generated tokens preallocated, as `assemble` does)."""
         ids = assembler.baseline_tokens(s.layout, bound)
-        return assembler.Assembled(adapter.new_cache(), torch.zeros(0, dtype=torch.long),
+        return assembler.Assembled(adapter.new_cache(reserve=room), torch.zeros(0, dtype=torch.long),
                                    torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), len(ids))
 
     def recover(self, ready: assembler.Assembled) -> assembler.Assembled:
@@ -245,12 +246,12 @@ class PromptCache:
                 t = clock.now()
                 entries.update(self.encode_missing(s, missing))
                 encode_ms = clock.ms_since(t)
-            ready = self.assemble(s, bound, entries)
+            ready = self.assemble(s, bound, entries, room=config.max_new_tokens)
             t = clock.now()
             ready = self.recover(ready)
             recompute_ms = clock.ms_since(t) if self.policy.needs_assembly else 0.0
         else:
-            ready, recompute_ms = self.baseline(s, bound), 0.0
+            ready, recompute_ms = self.baseline(s, bound, room=config.max_new_tokens), 0.0
         t1 = clock.now()
         logits, state = self.prefill(ready)
         t2 = clock.now()

@@ -71,7 +71,9 @@ def recompute(lm, ready: Assembled, policy: EncodingPolicy) -> Assembled:
         for i in range(ctx.probe_layer + 1):
             keys[i], values[i] = ctx.probe_kv[0][i], ctx.probe_kv[1][i]
     # Gathers make new tensors: the stored entries behind the assembled cache are never written.
-    cache = adapter.new_cache([k[:, :, rest.to(k.device)] for k in keys], [v[:, :, rest.to(v.device)] for v in values])
+    room = adapter.room(ready.cache)  # keep the assembled cache's preallocation, if it had one
+    cache = adapter.new_cache([k[:, :, rest.to(k.device)] for k in keys], [v[:, :, rest.to(v.device)] for v in values],
+                              reserve=None if room is None else room + chosen.numel())
     pos, ids = ready.cache_positions, ready.cache_ids
     q_pos, r_pos = pos[chosen], pos[rest]
     allowed = torch.cat([r_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)

@@ -77,3 +77,51 @@ def test_forward_until_fills_only_the_asked_layers_and_refuses_others():
     assert len(keys) == 2
     with pytest.raises(ValueError, match="layer 4 out of range: the model has 4 decoder layers"):
         adapter.forward_until(lm.model, torch.arange(3, 12), torch.arange(9), last_layer=4)
+
+
+def _gapped(lm, reserve):
+    """A cache with a gap in its positions (0-4, 20-24), built plain and handed over as `reserve` says."""
+    plain = adapter.new_cache()
+    pos = torch.cat([torch.arange(5), torch.arange(20, 25)])
+    adapter.forward(lm.model, torch.arange(3, 13), pos, plain, None)
+    keys, values = adapter.cache_kv(plain)
+    return adapter.new_cache(list(keys), list(values), reserve=reserve), pos, keys, values
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_buffered_cache_gives_the_plain_caches_logits_and_grows_past_its_room(arch):
+    lm = tiny_model(arch)
+    plain, pos, keys, values = _gapped(lm, None)
+    buffered, _, _, _ = _gapped(lm, 3)
+    assert isinstance(buffered.layers[0], adapter.BufferedLayer) and adapter.room(buffered) == 3
+    ids, nxt = [40, 41], 28
+    for step in range(6):  # 2 + 1 + 1 + ... tokens: past the 3 reserved slots, so the buffer grows once
+        q = torch.tensor(ids if step == 0 else [ids[-1]])
+        p = torch.arange(nxt, nxt + q.numel())
+        cache_pos = pos if step == 0 else torch.cat([pos, torch.arange(28, nxt)])
+        a = adapter.forward(lm.model, q, p, plain, cache_pos)
+        b = adapter.forward(lm.model, q, p, buffered, cache_pos)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        ids.append(int(a[-1].argmax()))
+        nxt += q.numel()
+    assert buffered.get_seq_length() == plain.get_seq_length() == 10 + 2 + 5
+    assert adapter.room(buffered) >= 0
+    for k, kb in zip(adapter.cache_kv(plain)[0], adapter.cache_kv(buffered)[0]):
+        torch.testing.assert_close(kb, k)
+
+
+def test_buffered_decode_writes_in_place_and_never_touches_the_given_states():
+    lm = tiny_model("llama")
+    cache, pos, keys, values = _gapped(lm, 8)
+    before = [k.clone() for k in keys]
+    layer = cache.layers[0]
+    ptr = layer.keys.data_ptr()
+    for i in range(5):
+        adapter.forward(lm.model, torch.tensor([7 + i]), torch.tensor([30 + i]), cache,
+                        torch.cat([pos, torch.arange(30, 30 + i)]))
+        assert layer.keys.data_ptr() == ptr  # a view of the same buffer: no copy of the cache per step
+    assert layer.length == 15 and layer.capacity == 18
+    for k, b in zip(keys, before):
+        assert torch.equal(k, b)
+    adapter.truncate(cache, 11)
+    assert cache.get_seq_length() == 11 and layer.keys.data_ptr() == ptr
