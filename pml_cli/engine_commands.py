@@ -274,8 +274,13 @@ def _engine(args):
 
     from prompt_cache.models import layer_devices
 
+    from prompt_cache.timing import Clock
+
     args.threads_used = apply_threads(getattr(args, "threads", None))
+    clock = Clock()
+    t = clock.now()
     lm = _load(args.model, device=args.device, device_map=args.device_map, dtype=args.model_dtype)
+    args.load_ms = clock.ms_since(t)  # reported beside TTFT: what a fresh process pays first
     # Under a device map each layer's states stay on that layer's GPU (memory budget per device).
     devices = layer_devices(lm.model) if args.device_map else None
     return PromptCache(lm, open_store(args.store, lm, layer_devices=devices),
@@ -432,13 +437,14 @@ def cmd_run(args) -> int:
     on_text = _print_piece if args.stream and not args.json else None
     result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=config, on_text=on_text)
     if args.json:
-        print(json.dumps({**result.to_json(), "threads": args.threads_used}))
+        print(json.dumps({**result.to_json(), "threads": args.threads_used, "load_ms": round(args.load_ms, 1)}))
         return 0
     print("" if args.stream else result.text)
     u, t = result.usage, result.timing
     print(f"\n[{'full prefill' if args.no_cache else 'cached'}] prompt {u.prompt_tokens} tokens "
           f"({u.cached_tokens} cached), {u.completion_tokens} generated; TTFT {t.ttft_ms:.1f} ms "
-          f"(cache {t.cache_ms:.1f} + prefill {t.prefill_ms:.1f}), {t.decode_tokens_per_s:.1f} tok/s",
+          f"(cache {t.cache_ms:.1f} + prefill {t.prefill_ms:.1f}), {t.decode_tokens_per_s:.1f} tok/s; "
+          f"model load {args.load_ms:.0f} ms",
           file=sys.stderr)
     if result.speculative is not None:
         sp = result.speculative

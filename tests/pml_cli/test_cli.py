@@ -117,6 +117,7 @@ def test_threads_are_checked_at_parse_time_and_reported(files, capsys):
     out = run_json(capsys, "run", str(files / "p.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
                    "--store", str(files / "store"), "--max-new-tokens", "2", "--threads", "1", "--json")
     assert out["threads"] == 1
+    assert out["load_ms"] > 0 and out["timing"]["ttft_ms"] > 0  # model load reported beside TTFT
 
 
 def test_compare_policies_json(files, capsys):
