@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from attention_store import adapter
 from attention_store.fileio import atomic_write
 from attention_store.paths import cache_dir
 from prompt_cache import DEFAULT_MODEL
@@ -446,6 +447,7 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
         placement["device_map"] = {"": target}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **placement)
     model.eval()
+    adapter.use_fast_attention(model)  # sdpa, without copying grouped key/value heads per forward
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_tok = HFTokenizer(tokenizer, name, _generation_eos(model_dir))
     return LoadedModel(name=name, model=model, tokenizer=hf_tok, fingerprint=fingerprint, dtype=dtype)

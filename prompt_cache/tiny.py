@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attention_store import adapter
 from prompt_cache.loaded import LoadedModel, weights_fingerprint
 from prompt_cache.tokenizer import PLAIN_AFFIXES, ROLES
 
@@ -105,6 +106,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     config = tiny_config(arch)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    adapter.use_fast_attention(model)
     # Re-draw every weight from our own generator: independent of transformers' init scheme, and
     # biases (qwen2) non-zero so they matter. Norm weights keep their defaults.
     gen = torch.Generator().manual_seed(seed)

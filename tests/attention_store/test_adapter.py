@@ -125,3 +125,24 @@ def test_buffered_decode_writes_in_place_and_never_touches_the_given_states():
         assert torch.equal(k, b)
     adapter.truncate(cache, 11)
     assert cache.get_seq_length() == 11 and layer.keys.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3", "qwen2"])
+def test_grouped_attention_without_repeat_equals_transformers_sdpa(arch):
+    # Our attention (grouped key/value heads kept grouped under a mask) against transformers' own
+    # sdpa on the same weights, over a cache with gaps and a mask that hides part of it.
+    lm = tiny_model(arch)
+    assert lm.model.config._attn_implementation == adapter.ATTENTION
+    pos = torch.cat([torch.arange(6), torch.arange(20, 26)])
+    allowed = torch.ones(4, 16, dtype=torch.bool)
+    allowed[:, 2:5] = False
+    allowed[:, 12:] = torch.ones(4, 4, dtype=torch.bool).tril()
+    out = {}
+    for impl in (adapter.ATTENTION, "sdpa"):
+        lm.model.set_attn_implementation(impl)
+        cache = adapter.new_cache()
+        adapter.forward(lm.model, torch.arange(3, 15), pos, cache, None)
+        out[impl] = adapter.forward(lm.model, torch.tensor([4, 5, 6, 7]), torch.arange(30, 34), cache, pos,
+                                    allowed=allowed)
+    lm.model.set_attn_implementation(adapter.ATTENTION)
+    torch.testing.assert_close(out[adapter.ATTENTION], out["sdpa"], atol=1e-5, rtol=1e-5)

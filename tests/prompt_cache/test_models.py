@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from attention_store import paths
+from attention_store import adapter, paths
 from prompt_cache import models
 from prompt_cache.models import (DEFAULT_MODEL, MARKER, REGISTRY, HFTokenizer, ensure_converted,
                                     files_fingerprint, load_model, load_tokenizer, model_spec, read_marker,
@@ -195,7 +195,7 @@ def test_smollm2_answers_paris():
     lm = load_model("smollm2-135m")  # converts once into $PML_CACHE_HOME (~/.cache/pml), then ~1 s
     tok = lm.tokenizer
     assert lm.dtype == torch.float32 and not lm.model.training
-    assert lm.model.config._attn_implementation == "sdpa"
+    assert lm.model.config._attn_implementation == adapter.ATTENTION  # sdpa, grouped heads kept grouped
     assert lm.fingerprint == read_marker(models.converted_dir("smollm2-135m"))["fingerprint"]
     assert tok.fingerprint == load_tokenizer("smollm2-135m").fingerprint
     user, user_end = tok.chat_affixes("user")
@@ -212,7 +212,7 @@ def test_load_model_from_a_local_dir(cache_home, tmp_path):
     _word_tokenizer().save_pretrained(model_dir)
     lm = load_model(model_dir, dtype=torch.float16)
     assert lm.dtype == torch.float16 and lm.model.dtype == torch.float16 and not lm.model.training
-    assert lm.model.config._attn_implementation == "sdpa"
+    assert lm.model.config._attn_implementation == adapter.ATTENTION  # sdpa, grouped heads kept grouped
     assert lm.fingerprint == files_fingerprint(model_dir)
     assert lm.tokenizer.encode("hello world") == [3, 4]
     assert load_tokenizer(model_dir).fingerprint == lm.tokenizer.fingerprint

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attention_store import adapter
 from prompt_cache.tiny import TINY_ARCHS, ByteTokenizer, tiny_config, tiny_model
 
 
@@ -12,7 +13,7 @@ def test_tiny_model_is_deterministic_and_eval(arch):
     assert a.fingerprint == b.fingerprint
     assert tiny_model(arch, seed=1).fingerprint != a.fingerprint
     assert not a.model.training
-    assert a.model.config._attn_implementation == "sdpa"
+    assert a.model.config._attn_implementation == adapter.ATTENTION
     ids = torch.tensor([[1, *a.tokenizer.encode("hello tiny world")]])
     with torch.no_grad():
         torch.testing.assert_close(a.model(ids).logits, b.model(ids).logits, rtol=0, atol=0)
