@@ -20,7 +20,7 @@ import sys
 import statistics
 from pathlib import Path
 
-from experiments import cli, outputs
+from experiments import cli, outputs, speed_extras
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, module_tokens, reset_store_dir, rotated
 from experiments.workloads import prompt_xml, schema_xml
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: %(default)s: on a shared machine, intra-op threads stall on "
                              "each other whenever another process holds a core; 0 = torch's default)")
+    parser.add_argument("--contention", type=int, default=0, metavar="N",
+                        help="run N competing PyTorch processes (multi-threaded matmuls, torch's default threads) "
+                             "during the timed repeats; they stop by themselves (default: %(default)s)")
+    parser.add_argument("--cli", action="store_true",
+                        help="also time `pml run` as fresh processes (full prefill vs cached, --repeats each)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/speed/<model>)")
     cli.add_device_arguments(parser)
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     s, bound = pc.bind(prompt)
 
     def forward_ms() -> float:
-        ready = pc.assemble(s, bound)  # outside the timer
+        ready = pc.assemble(s, bound, room=1)  # outside the timer; preallocated as `answer` does
         t0 = clock.now()
         generation.prefill(lm, ready.cache, ready.cache_positions, ready.fresh_ids, ready.fresh_positions,
                            ready.next_position)
@@ -102,10 +107,23 @@ def run(args: argparse.Namespace) -> int:
     for mode in MODES:  # warm-up, untimed: one-off costs (first kernels, imports, allocator growth)
         measure(mode)
     fresh = pc.assemble(s, bound).fresh_ids.numel()
-    for r in range(max(3, args.repeats)):
-        for mode in rotated(MODES, r):
-            items.add({"id": f"{mode}-r{r}", "mode": mode, "repeat": r, **measure(mode)})
-            print(f"  repeat {r} {mode:8s} {items.rows[f'{mode}-r{r}']['ttft_ms']:9.1f} ms", flush=True)
+    cli_rows = []
+    with speed_extras.Contention(args.contention) as contention:
+        for r in range(max(3, args.repeats)):
+            for mode in rotated(MODES, r):
+                items.add({"id": f"{mode}-r{r}", "mode": mode, "repeat": r, **measure(mode)})
+                print(f"  repeat {r} {mode:8s} {items.rows[f'{mode}-r{r}']['ttft_ms']:9.1f} ms", flush=True)
+        if args.cli:
+            (out / "speed.pml").write_text(xml)
+            (out / "speed_prompt.pml").write_text(prompt)
+            cli_rows = speed_extras.cli_runs(args.model, out / "speed.pml", out / "speed_prompt.pml", store_dir,
+                                             torch.get_num_threads(), max(3, args.repeats), progress=lambda row: print(
+                                                 f"  pml run {row['mode']:6s} TTFT {row['ttft_ms']:9.1f} ms, load "
+                                                 f"{row['load_ms']:.0f} ms, process {row['process_ms']:.0f} ms", flush=True))
+        limit = speed_extras.physical_limit(lm, fresh, args.context)  # under the same conditions
+        competing = contention.alive()
+    if args.contention and competing < args.contention:
+        print(f"warning: only {competing} of {args.contention} competitors were still running at the end", file=sys.stderr)
 
     med = {m: statistics.median(row["ttft_ms"] for row in items.rows.values() if row["mode"] == m) for m in MODES}
     rows = []
@@ -122,16 +140,30 @@ def run(args: argparse.Namespace) -> int:
         ratio = med[num] / med[den]
         ok = ratio >= bound_ if op == ">=" else ratio <= bound_
         checks.append({"target": name, "ratio": ratio, "goal": f"{op} {bound_:g}", "result": "PASS" if ok else "FAIL"})
+    if cli_rows:
+        cli_table, cli_ratio = speed_extras.cli_summary(cli_rows)
+        checks.append({"target": "pml run, fresh processes: full / cached TTFT", "ratio": cli_ratio, "goal": ">= 30",
+                       "result": "PASS" if cli_ratio >= 30 else "FAIL"})
     sections = [("Setup", f"- cached module: {args.context} tokens of LongBench multi_news text; fresh tokens per "
                           f"prompt (question + chat affixes): {fresh}; prompt tokens: {items.rows['memory-r0']['prompt_tokens']} "
                           f"({items.rows['memory-r0']['cached_tokens']} from the store)\n"
                           f"- schema encoding (once, not timed in TTFT): {encode_ms:.0f} ms, {report.bytes / 2**20:.1f} MiB stored\n"
                           f"- torch threads: {torch.get_num_threads()}; repeats: {max(3, args.repeats)}, modes interleaved, "
                           "order rotated per repeat\n"
+                          f"- competing processes: {args.contention} (PyTorch matmuls at torch's default thread count; "
+                          f"{competing} still running at the end)\n"
                           f"- rerun: `python -m experiments.speed --model {args.model} --context {args.context} "
-                          f"--repeats {args.repeats} --threads {args.threads}`\n"),
+                          f"--repeats {args.repeats} --threads {args.threads} --contention {args.contention}"
+                          f"{' --cli' if args.cli else ''}`\n"),
                 ("TTFT (ms)", outputs.markdown_table(rows)),
                 ("Targets (ratios of medians)", outputs.markdown_table(checks))]
+    forward_over_bound = med["forward"] / limit["bound_ms"]
+    sections.append(("Physical limit of the cached forward", outputs.markdown_table([limit]) + (
+        f"\nThe bare cached forward (median {med['forward']:.0f} ms) is {forward_over_bound:.2f}x the larger "
+        f"bound ({limit['bound']}, {limit['bound_ms']:.0f} ms): {limit['flops_g']:.1f} GFLOP at "
+        f"{limit['matmul_gflops']:.0f} GFLOP/s measured, {limit['bytes_mb']:.0f} MB at {limit['copy_gb_s']:.1f} GB/s.\n")))
+    if cli_rows:
+        sections.append(("`pml run` as fresh processes", outputs.markdown_table(cli_table)))
     if args.profile:
         sections.append(("Where the cached paths spend their time (median ms)",
                          outputs.markdown_table(profile(pc, s, bound, store_dir, lm, max(3, args.repeats)))))
@@ -140,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
                          dtype=dtype, sections=sections, placement=describe_placement(lm.model),
                          processes="1 (single process)")
     print(outputs.markdown_table(rows))
+    print(f"physical limit: {limit['flops_g']:.1f} GFLOP at {limit['matmul_gflops']:.0f} GFLOP/s = "
+          f"{limit['compute_bound_ms']:.0f} ms; {limit['bytes_mb']:.0f} MB at {limit['copy_gb_s']:.1f} GB/s = "
+          f"{limit['bandwidth_bound_ms']:.0f} ms; bare cached forward {med['forward']:.0f} ms = "
+          f"{forward_over_bound:.2f}x the {limit['bound']} bound")
+    if cli_rows:
+        print(outputs.markdown_table(cli_table))
     for c in checks:
         print(f"{c['result']}: {c['target']} = {c['ratio']:.2f}x (goal {c['goal']})")
     print(f"report: {out / 'report.md'}")
@@ -161,17 +199,14 @@ def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     disk = DiskTier(Path(store_dir) / "", verify_on_load=True)
     disk_fast = DiskTier(Path(store_dir), verify_on_load=False)
     entries = {u: pc.store.get(k)[0] for u, k in zip(units, keys)}
-    ready = assembler.assemble(s.layout, s.plan, bound, entries, next(lm.model.parameters()).dtype)
-    layers = [(layer.keys, layer.values) for layer in ready.cache.layers]
-    fresh = ready.fresh_ids.numel()
     steps = {
         "engine lookup (PromptCache.lookup: unit keys + store get, memory tier)": lambda: pc.lookup(s, bound),
         "unit_key for every used unit": lambda: [encoder.unit_key(s.plan, u, lm, pc.storage_dtype) for u in units],
         "memory-tier get (all units)": lambda: [pc.store.get(k) for k in keys],
         "assembler.assemble": lambda: assembler.assemble(
             s.layout, s.plan, bound, entries, next(lm.model.parameters()).dtype),
-        "cache growth in prefill (torch.cat of cache + fresh, per layer, k and v)": lambda: [
-            (torch.cat([k, k[:, :, :fresh]], dim=2), torch.cat([v, v[:, :, :fresh]], dim=2)) for k, v in layers],
+        "assembler.assemble with room (copy into preallocated buffers, as answer does)": lambda: assembler.assemble(
+            s.layout, s.plan, bound, entries, next(lm.model.parameters()).dtype, room=1),
         "disk-tier load, checksum verified": lambda: [disk.get(k) for k in keys],
         "disk-tier load, no checksum": lambda: [disk_fast.get(k) for k in keys],
         "open_store (fresh store object)": lambda: open_store(store_dir, lm),

@@ -58,3 +58,28 @@ def test_speed_reports_every_target(tmp_path):
     assert "PASS" in report or "FAIL" in report
     rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert sorted({r["mode"] for r in rows}) == sorted(speed.MODES) and len(rows) == 12
+    assert "Physical limit of the cached forward" in report and "GFLOP/s" in report
+
+
+def test_speed_under_contention_and_as_fresh_cli_processes(tmp_path):
+    from experiments import speed_extras
+
+    out = tmp_path / "speed"
+    code = speed.run(_args(speed, ["--model", "tiny:llama", "--context", "64", "--repeats", "3", "--contention", "1",
+                                   "--cli", "--out", str(out)]))
+    assert code in (0, 1)
+    report = (out / "report.md").read_text()
+    assert "competing processes: 1" in report and "1 still running at the end" in report
+    assert "`pml run` as fresh processes" in report and "pml run, fresh processes: full / cached TTFT" in report
+
+
+def test_competitors_stop_at_their_deadline_and_when_asked():
+    from experiments import speed_extras
+
+    with speed_extras.Contention(1, seconds=4) as c:
+        assert c.alive() == 1
+        c.procs[0].wait(timeout=60)  # the deadline ends it without our help
+        assert c.alive() == 0
+    with speed_extras.Contention(2) as c:
+        assert c.alive() == 2
+    assert all(p.poll() is not None for p in c.procs)  # leaving the block stops them
