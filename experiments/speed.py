@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "during the timed repeats; they stop by themselves (default: %(default)s)")
     parser.add_argument("--cli", action="store_true",
                         help="also time `pml run` as fresh processes (full prefill vs cached, --repeats each)")
+    parser.add_argument("--decode-tokens", type=int, default=32, metavar="N",
+                        help="also time N greedy decode steps after the cached prefill, preallocated cache vs "
+                             "concatenating DynamicCache layers, side by side (default: %(default)s; 0 = skip)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/speed/<model>)")
     cli.add_device_arguments(parser)
@@ -121,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                                                  f"  pml run {row['mode']:6s} TTFT {row['ttft_ms']:9.1f} ms, load "
                                                  f"{row['load_ms']:.0f} ms, process {row['process_ms']:.0f} ms", flush=True))
         limit = speed_extras.physical_limit(lm, fresh, args.context)  # under the same conditions
+        decode = speed_extras.decode_compare(pc, prompt, args.decode_tokens, max(3, args.repeats)) if args.decode_tokens else None
         competing = contention.alive()
     if args.contention and competing < args.contention:
         print(f"warning: only {competing} of {args.contention} competitors were still running at the end", file=sys.stderr)
@@ -162,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
         f"\nThe bare cached forward (median {med['forward']:.0f} ms) is {forward_over_bound:.2f}x the larger "
         f"bound ({limit['bound']}, {limit['bound_ms']:.0f} ms): {limit['flops_g']:.1f} GFLOP at "
         f"{limit['matmul_gflops']:.0f} GFLOP/s measured, {limit['bytes_mb']:.0f} MB at {limit['copy_gb_s']:.1f} GB/s.\n")))
+    if decode is not None:
+        sections.append(("Decoding after the cached prefill", outputs.markdown_table([decode]) + (
+            f"\nPreallocated cache (written in place) against plain DynamicCache layers (a full copy of the "
+            f"cache per step), {decode['tokens']} greedy tokens, interleaved: {decode['ratio']:.2f}x tokens/s, "
+            f"{'identical' if decode['identical'] else 'DIFFERENT'} tokens.\n")))
     if cli_rows:
         sections.append(("`pml run` as fresh processes", outputs.markdown_table(cli_table)))
     if args.profile:
@@ -176,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
           f"{limit['compute_bound_ms']:.0f} ms; {limit['bytes_mb']:.0f} MB at {limit['copy_gb_s']:.1f} GB/s = "
           f"{limit['bandwidth_bound_ms']:.0f} ms; bare cached forward {med['forward']:.0f} ms = "
           f"{forward_over_bound:.2f}x the {limit['bound']} bound")
+    if decode is not None:
+        print(f"decode ({decode['tokens']} tokens): preallocated {decode['preallocated_tok_s']:.1f} tok/s, "
+              f"concatenating {decode['concatenating_tok_s']:.1f} tok/s = {decode['ratio']:.2f}x; "
+              f"{'identical' if decode['identical'] else 'DIFFERENT'} tokens")
     if cli_rows:
         print(outputs.markdown_table(cli_table))
     for c in checks:

@@ -141,3 +141,28 @@ def physical_limit(lm, fresh: int, cached: int) -> dict:
     return {"flops_g": flops / 1e9, "matmul_gflops": gflops, "compute_bound_ms": compute_ms,
             "bytes_mb": nbytes / 1e6, "copy_gb_s": gbs, "bandwidth_bound_ms": memory_ms,
             "bound_ms": max(compute_ms, memory_ms), "bound": "compute" if compute_ms >= memory_ms else "bandwidth"}
+
+
+def decode_compare(pc, prompt: str, tokens: int = 32, repeats: int = 3) -> dict:
+    """Greedy decoding after the cached prefill, with the cache preallocated (what `answer` does)
+    and with plain `DynamicCache` layers that concatenate every step (the earlier behaviour),
+    interleaved; tokens/s medians and whether the tokens are identical."""
+    from prompt_cache import generation
+    from prompt_cache.generation import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=tokens, eos_ids=())
+    s, bound = pc.bind(prompt)
+    rates: dict[str, list[float]] = {"preallocated": [], "concatenating": []}
+    out: dict[str, list[int]] = {}
+    for r in range(repeats):
+        for mode in (("preallocated", "concatenating") if r % 2 == 0 else ("concatenating", "preallocated")):
+            ready = pc.assemble(s, bound, room=tokens if mode == "preallocated" else None)
+            logits, state = pc.prefill(ready)
+            t = pc.clock.now()
+            got = list(generation.decode(pc.lm, state, logits, cfg))
+            rates[mode].append((len(got) - 1) / (pc.clock.now() - t))
+            out[mode] = got
+    med = {m: statistics.median(v) for m, v in rates.items()}
+    return {"tokens": tokens, "preallocated_tok_s": med["preallocated"], "concatenating_tok_s": med["concatenating"],
+            "ratio": med["preallocated"] / med["concatenating"],
+            "identical": out["preallocated"] == out["concatenating"]}

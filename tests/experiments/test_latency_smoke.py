@@ -59,6 +59,7 @@ def test_speed_reports_every_target(tmp_path):
     rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert sorted({r["mode"] for r in rows}) == sorted(speed.MODES) and len(rows) == 12
     assert "Physical limit of the cached forward" in report and "GFLOP/s" in report
+    assert "Decoding after the cached prefill" in report and "identical tokens" in report
 
 
 def test_speed_under_contention_and_as_fresh_cli_processes(tmp_path):
