@@ -278,12 +278,13 @@ def build_mask(spec: AttentionSpec, allowed: torch.Tensor | None, q_pos: torch.T
 @torch.inference_mode()
 def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
             cache_positions: torch.Tensor | None, allowed: torch.Tensor | None = None,
-            last_only: bool = False) -> torch.Tensor:
+            last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
     """Run new tokens over `cache` (extended in place) and return their logits.
 
     input_ids, positions: `[q]`; cache_positions: `[cache_len]` position ids of what is in `cache`
     (None or empty for an empty cache); allowed: bool `[q, cache_len + q]` or None (see build_mask).
-    Returns logits `[q, vocab]`, or `[1, vocab]` for the last token when `last_only`.
+    Returns logits `[q, vocab]`, `[1, vocab]` for the last token when `last_only`, or
+    `[len(logits_at), vocab]` for the new tokens at those indices (the LM head runs only there).
     """
     assert input_ids.ndim == 1 and input_ids.shape == positions.shape, "input_ids and positions must be [q]"
     cached = 0 if cache_positions is None else cache_positions.shape[0]
@@ -298,7 +299,7 @@ def forward(model, input_ids: torch.Tensor, positions: torch.Tensor, cache: Dyna
         attention_mask=_to(mask, model.device),
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1 if last_only else 0,
+        logits_to_keep=logits_at.to(model.device) if logits_at is not None else (1 if last_only else 0),
     )
     return out.logits[0]
 

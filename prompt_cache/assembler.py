@@ -53,6 +53,16 @@ def used_units(p: EncodePlan, bound) -> list[str]:
     return [u for u in [ROOT, *bound.modules] if u in p.units]
 
 
+def kept_tokens(layout, unit: str, entry: KVEntry, bound) -> torch.Tensor:
+    """bool [entry tokens]: which of a stored unit's states this prompt reuses (all but the scaffold
+    tokens of parameters that get another value)."""
+    drop = entry.replaceable.clone()
+    for seg in _slots(layout, unit):
+        if _value(bound, unit, seg) == tuple(seg.token_ids):
+            drop &= ~((entry.positions >= seg.start) & (entry.positions < seg.end))
+    return ~drop
+
+
 def _slots(layout, path: str):
     return [s for s in layout.segments if s.path == path and s.kind == "parameter"]
 
@@ -101,12 +111,7 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
     # concatenation below is the only copy of the states on the time-to-first-token path.
     pieces: list[tuple[KVEntry, int, int]] = []
     for unit in used_units(p, bound):
-        entry = entries[unit]
-        drop = entry.replaceable.clone()
-        for seg in _slots(layout, unit):
-            if _value(bound, unit, seg) == tuple(seg.token_ids):
-                drop &= ~((entry.positions >= seg.start) & (entry.positions < seg.end))
-        pieces += [(entry, lo, hi) for lo, hi in _runs(~drop)]
+        pieces += [(entries[unit], lo, hi) for lo, hi in _runs(kept_tokens(layout, unit, entries[unit], bound))]
     ids, pos = fresh_tokens(layout, bound)
     reserve = None if room is None else len(ids) + room
     if pieces and reserve is not None:

@@ -14,7 +14,7 @@ runs them once each, in that order, and times around them with `prompt_cache.tim
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,7 +33,9 @@ from pml.model import Prompt, Schema
 from pml.parser import parse_prompt, parse_schema
 from pml.prompt import BoundPrompt, bind_prompt
 from prompt_cache import DEFAULT_MODEL, assembler, generation, limits, recovery
+from prompt_cache import batch
 from prompt_cache import speculative as _speculative
+from prompt_cache.results import Result, Timing, Usage  # noqa: F401 (part of this module's API)
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.loaded import LoadedModel
 from prompt_cache.models import layer_devices
@@ -41,40 +43,6 @@ from prompt_cache.semantic import engine_hook as _l1
 from prompt_cache.timing import Clock
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int  # tokens of the prompt as the model sees it
-    cached_tokens: int  # of those, tokens whose states came from the store (and were not recomputed)
-    completion_tokens: int  # generated tokens
-    recomputed_tokens: int = 0  # stored tokens recomputed at assembly by a recovery policy (blend, link)
-
-
-@dataclass(frozen=True)
-class Timing:
-    ttft_ms: float  # time to first token: cache_ms + prefill_ms + choosing the first token
-    cache_ms: float  # store lookup and copy into one cache (plus encode_ms when modules were missing)
-    prefill_ms: float  # forward pass over the fresh tokens
-    decode_tokens_per_s: float  # generated tokens after the first, per second (0 if none)
-    encode_ms: float = 0.0  # encoding modules missing from the store, on the fly (part of cache_ms)
-    recompute_ms: float = 0.0  # a recovery policy's recompute at assembly (part of cache_ms)
-
-
-@dataclass(frozen=True)
-class Result:
-    text: str
-    token_ids: tuple[int, ...]
-    usage: Usage
-    timing: Timing
-    finish_reason: str  # "eos", "stop" (a stop string) or "length"
-    semantic_cache: str | None = None  # "hit", "miss", or None when no semantic cache is set
-    speculative: dict | None = None  # SpeculativeStats.to_json() when decoding was speculative
-
-    def to_json(self) -> dict:
-        return {"text": self.text, "usage": asdict(self.usage), "timing": asdict(self.timing),
-                "finish_reason": self.finish_reason,
-                "semantic_cache": self.semantic_cache, "speculative": self.speculative}
-
 
 @dataclass
 class SchemaState:
@@ -280,8 +248,29 @@ class PromptCache:
 
     def answer_batch(self, prompts: Iterable[str | bytes | Prompt], use_cache: bool = True,
                      config: GenerationConfig = GenerationConfig()) -> list[Result]:
-        """Answer prompts of one or more added schemas one after another, sharing the store."""
-        return [self.answer(p, use_cache, config) for p in prompts]
+        """Answer prompts of one or more added schemas: prompts of one schema together, in one packed
+        batch (`prompt_cache.batch`: one forward per step for all of them, module states shared,
+        not copied per prompt); results in the prompts' order.
+
+        In a batch, `timing.ttft_ms` is the time until every prompt of the batch has its first token
+        (one prefill for all) and `decode_tokens_per_s` each prompt's own rate over the shared steps.
+        Answered one by one instead, with the reason logged: the full-prefill baseline
+        (`use_cache=False`), and engines whose answers are per prompt (`batch.unbatchable`).
+        """
+        prompts = list(prompts)
+        why = "the full-prefill baseline is per prompt" if not use_cache else batch.unbatchable(self)
+        if why is not None:
+            if len(prompts) > 1:
+                log.info("answer_batch: answering %d prompts one by one: %s", len(prompts), why)
+            return [self.answer(p, use_cache, config) for p in prompts]
+        bound = [self.bind(p) for p in prompts]
+        results: list[Result | None] = [None] * len(prompts)
+        for name in dict.fromkeys(s.layout.schema_name for s, _ in bound):
+            idx = [i for i, (s, _) in enumerate(bound) if s.layout.schema_name == name]
+            got = batch.answer_packed(self, bound[idx[0]][0], [bound[i][1] for i in idx], config)
+            for i, r in zip(idx, got):
+                results[i] = r
+        return results
 
     def logprobs(self, prompt: str | bytes | Prompt, continuation: list[int], use_cache: bool = True) -> torch.Tensor:
         """Log-probabilities `[len(continuation), vocab]` of the next token along a forced continuation.
@@ -303,13 +292,13 @@ class PromptCache:
                 t_first = self.clock.now()
             tokens.append(token)
             new_text = tok.decode(tokens)
-            cut = _first_stop(new_text, config.stop)
+            cut = generation.first_stop(new_text, config.stop)
             if cut is not None:
                 new_text, reason = new_text[:cut], "stop"
             if on_text is not None:
                 # Hold back a tail that could still grow into a stop string, so streamed text never
                 # includes what the stop string will cut.
-                ready = new_text if reason == "stop" else new_text[:len(new_text) - _stop_overlap(new_text, config.stop)]
+                ready = new_text if reason == "stop" else new_text[:len(new_text) - generation.stop_overlap(new_text, config.stop)]
                 if ready.startswith(sent) and len(ready) > len(sent):
                     on_text(ready[len(sent):])
                     sent = ready
@@ -332,16 +321,6 @@ class PromptCache:
 
     def _model_dtype(self) -> torch.dtype:
         return next(self.lm.model.parameters()).dtype
-
-
-def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper beginning of some stop string."""
-    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return min(cuts) if cuts else None
 
 
 def _parse_text(source, parse):

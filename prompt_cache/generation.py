@@ -138,3 +138,14 @@ def decode(lm, state: DecodeState, first_logits: torch.Tensor, cfg: GenerationCo
         yield token
         if len(state.generated) < cfg.max_new_tokens:
             logits = decode_step(lm, state, token)
+
+
+def stop_overlap(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is a proper beginning of some stop string."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index in `text` where the first stop string begins, or None."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return min(cuts) if cuts else None
