@@ -84,3 +84,14 @@ def test_competitors_stop_at_their_deadline_and_when_asked():
     with speed_extras.Contention(2) as c:
         assert c.alive() == 2
     assert all(p.poll() is not None for p in c.procs)  # leaving the block stops them
+
+
+def test_batch_benchmark_compares_outputs_and_reports_the_ratio(tmp_path):
+    from experiments import batch
+
+    out = tmp_path / "batch"
+    code = batch.run(_args(batch, ["--model", "tiny:llama", "--batch", "3", "--context", "48", "--max-new-tokens", "4",
+                                   "--repeats", "1", "--out", str(out)]))
+    assert code in (0, 1)
+    report = (out / "report.md").read_text()
+    assert "batch / one by one = " in report and "identical for 3 of 3 prompts" in report
