@@ -9,12 +9,15 @@ providers' default caching rules (minimum prefix 1,024 tokens, 16-token blocks).
   `cached_tokens >= 1,024` and its TTFT is >= 15x lower.
 - `concurrent`: `--clients` threads, each sending `--requests` PML prompts over one shared schema
   (each prompt picks 3 of `--modules` passages and asks its own question), against the caching
-  server and then the no-cache one: requests/s and p50/p95 TTFT.
+  server, the same server with `--max-batch 1` (no packing of waiting requests) and the no-cache
+  one: requests/s, completion tokens/s, p50/p95 TTFT, and `batching_speedup` (requests/s packed
+  over one by one, measured side by side).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures
 import json
 import statistics
@@ -60,13 +63,17 @@ def run(args: argparse.Namespace) -> int:
     flags = ["--min-prefix", str(args.min_prefix), "--block-size", str(args.block_size)]
     flags += ["--threads", str(args.threads)] if args.threads else []
     result: dict = {"model": args.model}
-    with live_server(args.model, "--store", str(reset_store_dir(out / "store-scratch")), *flags,
-                     log=out / "server-cache.log") as on_url, \
-            live_server(args.model, "--no-cache", "--store", str(reset_store_dir(out / "store-nocache")), *flags,
-                        log=out / "server-nocache.log") as off_url:
-        on, off = SimpleNamespace(url=on_url), SimpleNamespace(url=off_url)
+    with contextlib.ExitStack() as servers:
+        def start(name: str, *more: str) -> str:
+            return servers.enter_context(live_server(args.model, *more, "--store",
+                                                     str(reset_store_dir(out / f"store-{name}")), *flags,
+                                                     log=out / f"server-{name}.log"))
+
+        on, off = SimpleNamespace(url=start("cache")), SimpleNamespace(url=start("nocache", "--no-cache"))
+        # The same caching server answering one request at a time: what packing concurrent PML requests buys.
+        alone = start("cache-one-by-one", "--max-batch", "1") if "concurrent" not in skip else None
         client = {u: openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=900)
-                  for u in (on.url, off.url)}
+                  for u in (on.url, off.url, alone) if u}
 
         def send(url: str, **kw) -> tuple[float, dict]:
             t0 = time.perf_counter()
@@ -114,16 +121,17 @@ def run(args: argparse.Namespace) -> int:
                         p.use(f"p{i}")
                     prompts.append((c, p.user(f"Question {c}.{k}: which places are named, and when?").to_xml()))
             result["concurrent"] = {}
-            for name, url in (("cache", on.url), ("no-cache", off.url)):
+            for name, url in (("cache", on.url), ("cache-one-by-one", alone), ("no-cache", off.url)):
                 client[url]._client.post(url + "/v1/schemas", json={"pml": schema, "pin": True}).raise_for_status()
-                ttfts, lock = [], threading.Lock()
+                ttfts, tokens, lock = [], [0], threading.Lock()
 
                 def session(c: int) -> None:
                     for cc, xml in prompts:
                         if cc == c:
-                            t, _ = send(url, messages=[], extra_body={"pml": xml})
+                            t, usage = send(url, messages=[], extra_body={"pml": xml})
                             with lock:
                                 ttfts.append(t)
+                                tokens[0] += usage["completion_tokens"]
 
                 t0 = time.perf_counter()
                 with concurrent.futures.ThreadPoolExecutor(args.clients) as ex:
@@ -133,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
                 result["concurrent"][name] = {"requests": len(ttfts), "wall_s": round(wall, 2),
                                               "requests_per_s": round(len(ttfts) / wall, 3),
                                               "ttft_ms_p50": round(statistics.median(ttfts), 1),
-                                              "ttft_ms_p95": round(q[18], 1)}
+                                              "ttft_ms_p95": round(q[18], 1),
+                                              "completion_tokens_per_s": round(tokens[0] / wall, 2),
+                                              "batched_requests": client[url]._client.get(url + "/v1/usage")
+                                              .json()["batched_requests"]}
+            c = result["concurrent"]
+            c["batching_speedup"] = round(c["cache"]["requests_per_s"] / c["cache-one-by-one"]["requests_per_s"], 2)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0

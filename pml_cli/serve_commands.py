@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pml_cli.engine_commands import thread_count
 from prompt_cache import DEFAULT_MODEL
+from serving import DEFAULT_MAX_BATCH
 
 
 def add_commands(sub) -> None:
@@ -31,6 +32,9 @@ def add_commands(sub) -> None:
                    help="answer a question whose embedding is at least THRESHOLD cosine-similar to an earlier one "
                         "in the same context and tenant from that earlier answer, without the model (off by default; "
                         "0.95 is the measured default, see docs/RESULTS.md); responses carry x-semantic-cache")
+    p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help="PML requests waiting at the same time (same tenant and settings) are answered together, "
+                        "N at most, one forward per step for all (default: %(default)s; 1: one by one)")
     p.add_argument("--no-cache", action="store_true", help="compute every prompt in full; store nothing (baseline)")
     p.add_argument("--min-prefix", type=int, default=1024,
                    help="shortest prefix served from the cache (default: %(default)s, as OpenAI and Anthropic)")
@@ -41,6 +45,16 @@ def add_commands(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=32768)
     p.add_argument("--max-completion-tokens", type=int, default=4096)
     p.set_defaults(func=cmd_serve)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return value
 
 
 def _threshold(text: str) -> float:
@@ -79,6 +93,7 @@ def cmd_serve(args) -> int:
             model=args.model, store=args.store, host=args.host, port=args.port, schemas=tuple(args.schema),
             api_keys=tuple(args.api_key), salt_per_key=args.salt_per_key, threads=args.threads,
             use_cache=not args.no_cache, semantic_threshold=args.semantic_cache,
+            max_batch=args.max_batch,
             prefix=PrefixConfig(block_size=args.block_size, min_prefix=args.min_prefix, granularity=args.granularity),
             limits=Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_completion_tokens))
         worker = build_worker(config)

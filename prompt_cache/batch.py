@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -56,8 +57,10 @@ def unbatchable(pc) -> str | None:
     return None
 
 
-def answer_packed(pc, schema_state, bounds: list, config: GenerationConfig) -> list:
-    """Answer bound prompts of one schema together; `Result`s in order (see the module docstring)."""
+def answer_packed(pc, schema_state, bounds: list, config: GenerationConfig,
+                  on_token: Callable[[int, int], None] | None = None) -> list:
+    """Answer bound prompts of one schema together; `Result`s in order (see the module docstring).
+    `on_token(i, token)` sees each token of prompt i as it is generated (for streaming)."""
     s, clock, lm = schema_state, pc.clock, pc.lm
     t0 = clock.now()
     # The union of the units the prompts reuse, each looked up (or encoded) once.
@@ -124,6 +127,8 @@ def answer_packed(pc, schema_state, bounds: list, config: GenerationConfig) -> l
                 r.done = True
                 continue
             r.tokens.append(token)
+            if on_token is not None:
+                on_token(i, token)
             text = lm.tokenizer.decode(r.tokens)
             if generation.first_stop(text, config.stop) is not None or len(r.tokens) >= config.max_new_tokens:
                 r.done = True  # nothing more is needed from this prompt

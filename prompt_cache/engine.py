@@ -247,13 +247,15 @@ class PromptCache:
         return (l1.remember(result) if l1 is not None else result), lp  # the semantic cache keeps the answer
 
     def answer_batch(self, prompts: Iterable[str | bytes | Prompt], use_cache: bool = True,
-                     config: GenerationConfig = GenerationConfig()) -> list[Result]:
+                     config: GenerationConfig = GenerationConfig(),
+                     on_token: Callable[[int, int], None] | None = None) -> list[Result]:
         """Answer prompts of one or more added schemas: prompts of one schema together, in one packed
         batch (`prompt_cache.batch`: one forward per step for all of them, module states shared,
         not copied per prompt); results in the prompts' order.
 
         In a batch, `timing.ttft_ms` is the time until every prompt of the batch has its first token
         (one prefill for all) and `decode_tokens_per_s` each prompt's own rate over the shared steps.
+        `on_token(i, token)` sees each token of prompt i as it is generated (streaming).
         Answered one by one instead, with the reason logged: the full-prefill baseline
         (`use_cache=False`), and engines whose answers are per prompt (`batch.unbatchable`).
         """
@@ -262,12 +264,18 @@ class PromptCache:
         if why is not None:
             if len(prompts) > 1:
                 log.info("answer_batch: answering %d prompts one by one: %s", len(prompts), why)
-            return [self.answer(p, use_cache, config) for p in prompts]
+            results = []
+            for i, p in enumerate(prompts):
+                results.append(self.answer(p, use_cache, config))
+                for token in results[-1].token_ids if on_token is not None else ():
+                    on_token(i, token)  # one by one, each answer's tokens arrive when it is done
+            return results
         bound = [self.bind(p) for p in prompts]
         results: list[Result | None] = [None] * len(prompts)
         for name in dict.fromkeys(s.layout.schema_name for s, _ in bound):
             idx = [i for i, (s, _) in enumerate(bound) if s.layout.schema_name == name]
-            got = batch.answer_packed(self, bound[idx[0]][0], [bound[i][1] for i in idx], config)
+            tell = None if on_token is None else (lambda j, token, idx=idx: on_token(idx[j], token))
+            got = batch.answer_packed(self, bound[idx[0]][0], [bound[i][1] for i in idx], config, tell)
             for i, r in zip(idx, got):
                 results[i] = r
         return results

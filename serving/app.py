@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import time
@@ -140,7 +141,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         """Run `fn(on_text=...)` on the worker; a JSON response, or an SSE stream built by `shape`."""
         if not stream:
             try:
-                done = await worker.run(functools.partial(fn, on_text=None, endpoint=endpoint))
+                done = await _on_worker(worker, functools.partial(fn, on_text=None, endpoint=endpoint))
             except PMLError as e:
                 raise ApiError(400, str(e)) from None
             metrics.observe(endpoint, done)
@@ -149,13 +150,20 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         on_text = lambda s: loop.call_soon_threadsafe(queue.put_nowait, s)  # noqa: E731
-        future = asyncio.ensure_future(worker.run(functools.partial(fn, on_text=on_text, endpoint=endpoint)))
+        future = asyncio.ensure_future(_on_worker(worker, functools.partial(fn, on_text=on_text, endpoint=endpoint)))
         future.add_done_callback(lambda _: queue.put_nowait(None))
+        # Headers wait for the first text (or the end): a request that fails before any text, such
+        # as a malformed PML prompt, still gets its 400 rather than an error inside a 200 stream.
+        first = await queue.get()
+        if first is None and isinstance(future.exception(), PMLError):
+            raise ApiError(400, str(future.exception())) from None
 
         async def events():
             yield shape.start()
-            while (piece := await queue.get()) is not None:
+            piece = first
+            while piece is not None:
                 yield shape.delta(piece)
+                piece = await queue.get()
             try:
                 done = future.result()
             except Exception as e:  # noqa: BLE001 - the status is sent; the error goes in the stream
@@ -200,13 +208,14 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
             raise ApiError(400, "give either non-empty `messages` or `pml` (a PML prompt, as extra_body) "
                                 "with empty messages", param="messages")
         if body.pml is not None:
-            pc = worker.tenant(salt)
-            try:
-                s, bound = await worker.run(pc.bind, _xml(body.pml))
-            except PMLError as e:
-                raise ApiError(400, str(e), param="pml") from None
-            fn = functools.partial(worker.answer_pml, body.pml, config, salt)
-            question, context = pml_context(body.pml, s, bound)
+            fn = functools.partial(worker.answer_pml_queued, _xml(body.pml), config, salt)  # packed with concurrent ones
+            question = context = None
+            if worker.semantic is not None:  # its key needs the bound prompt; else binding happens once, in the answer
+                try:
+                    s, bound = await worker.run(worker.tenant(salt).bind, body.pml)
+                except PMLError as e:
+                    raise ApiError(400, str(e), param="pml") from None
+                question, context = pml_context(body.pml, s, bound)
         else:
             messages = [_openai_message(m) for m in body.messages]
             try:
@@ -308,7 +317,8 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
             t = worker.totals
             return {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
                     "cache_written_tokens": t.written_tokens, "completion_tokens": t.completion_tokens,
-                    "semantic_hits": t.semantic_hits, "requests_by_endpoint": dict(t.by_endpoint)}
+                    "semantic_hits": t.semantic_hits, "batches": t.batches, "batched_requests": t.batched_requests,
+                    "requests_by_endpoint": dict(t.by_endpoint)}
 
     return app
 
@@ -327,6 +337,12 @@ def _key(request: Request) -> str | None:
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
     return request.headers.get("x-api-key")
+
+
+def _on_worker(worker: Worker, call):
+    """Await `call` on the model thread: a coroutine function queues itself (PML requests, which the
+    worker may pack into one batch); a plain function is run there as is."""
+    return call() if inspect.iscoroutinefunction(call) else worker.run(call)
 
 
 def _xml(text: str) -> str:

@@ -22,6 +22,9 @@ class Metrics:
                                  registry=r)
         self.semantic = Counter("pml_semantic_cache", "requests looked up in the semantic cache, by result",
                                 ["result"], registry=r)
+        self.batched = Gauge("pml_batched_requests", "PML requests answered in a packed batch of 2+ since start",
+                             registry=r)
+        self.batches = Gauge("pml_batches", "packed batches of 2+ PML requests since start", registry=r)
         self.ttft = Histogram("pml_ttft_seconds", "time to first token", ["endpoint"], buckets=TTFT_BUCKETS,
                               registry=r)
 
@@ -38,6 +41,8 @@ class Metrics:
         with worker.lock:
             t = worker.totals
             self.hit_rate.set(t.cached_tokens / t.prompt_tokens if t.prompt_tokens else 0.0)
+            self.batched.set(t.batched_requests)
+            self.batches.set(t.batches)
         for tier, n in worker.memory_bytes().items():
             self.store_bytes.labels(tier).set(n)
         memory = worker.store.memory

@@ -13,6 +13,7 @@ from typing import Callable
 from prompt_cache import DEFAULT_MODEL
 from prompt_cache.prefix import PrefixConfig
 from serving.app import Limits, create_app
+from serving import DEFAULT_MAX_BATCH
 from serving.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ServeConfig:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     limits: Limits = field(default_factory=Limits)
     semantic_threshold: float | None = None  # answer near-identical questions from earlier answers (L1); None: off
+    max_batch: int = DEFAULT_MAX_BATCH  # concurrent PML requests answered in one packed batch at most (1: none)
 
 
 def build_worker(config: ServeConfig, lm=None, clock: Callable[[], float] = time.monotonic) -> Worker:
@@ -52,7 +54,7 @@ def build_worker(config: ServeConfig, lm=None, clock: Callable[[], float] = time
 
         semantic = SemanticCache(MiniLMEmbedder(), SemanticCacheConfig(threshold=config.semantic_threshold))
     worker = Worker(lm, store, config.prefix, use_cache=config.use_cache, clock=clock, threads=config.threads,
-                    semantic=semantic)
+                    semantic=semantic, max_batch=config.max_batch)
     for path in config.schemas:
         # Operator-given files, read here; the HTTP API itself only ever takes PML text.
         worker.add_schema(Path(path).read_text(encoding="utf-8"), pin=True)

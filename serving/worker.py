@@ -3,6 +3,11 @@
 A CPU runs one forward at a time well, so every model call (prefix lookup, prefill, decode, PML
 answers) runs on a single worker thread; HTTP handlers only queue work and await it. Shared tables
 (schemas, tenants, totals) are guarded by a lock, because handlers read them from the event loop.
+
+PML requests that wait for the model at the same time (same tenant, same generation settings) are
+answered together in one packed batch (`prompt_cache.batch`): one forward per decode step for all
+of them, which is several times the tokens/s of answering them in turn on a CPU whose decode is
+bound by reading the weights. Nothing waits on purpose: a lone request starts at once.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from attention_store.store import AttentionStore
 from attention_store.tiers import DiskTier, MemoryTier
 from pml.errors import PMLError
 from pml.parser import parse_schema
-from prompt_cache import generation
+from prompt_cache import batch, generation
 from prompt_cache.engine import PromptCache
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.prefix import PrefixCache, PrefixConfig
 from prompt_cache.semantic.cache import ContextKey, SemanticCache, context_key
 from prompt_cache.threads import apply_threads
 from prompt_cache.timing import Clock
+from serving import DEFAULT_MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ class Totals:
     written_tokens: int = 0
     completion_tokens: int = 0
     semantic_hits: int = 0  # requests answered by the semantic cache without the model
+    batches: int = 0  # packed batches of 2+ PML requests answered together
+    batched_requests: int = 0  # PML requests answered in such a batch
     by_endpoint: dict[str, int] = field(default_factory=dict)
 
 
@@ -112,8 +120,11 @@ class Worker:
 
     def __init__(self, lm, store: AttentionStore, prefix_config: PrefixConfig = PrefixConfig(),
                  use_cache: bool = True, clock: Callable[[], float] = time.monotonic, threads: int | None = None,
-                 semantic: SemanticCache | None = None):
+                 semantic: SemanticCache | None = None, max_batch: int = DEFAULT_MAX_BATCH):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.lm = lm
+        self.max_batch = max_batch  # PML requests packed into one batch at most (1: no batching)
         self.store = store
         self.use_cache = use_cache
         self.clock = clock  # TTLs (injectable in tests)
@@ -125,6 +136,7 @@ class Worker:
         self.pinned: set[str] = set()
         self.totals = Totals()
         self._tenants: dict[str, PromptCache] = {"": PromptCache(lm, store)}
+        self._waiting: list[PmlRequest] = []  # queued PML requests not yet answered (under `lock`)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pml-model",
                                                            initializer=_set_threads, initargs=(threads,))
 
@@ -226,16 +238,85 @@ class Worker:
     def answer_pml(self, prompt: str, config: GenerationConfig, salt: str = "",
                    on_text: Callable[[str], None] | None = None, endpoint: str = "chat",
                    remember: Callable[[Completion], None] | None = None) -> Completion:
-        """Answer a PML prompt against a registered schema (modular reuse)."""
+        """Answer a PML prompt against a registered schema (modular reuse), alone."""
         _require_xml(prompt, "prompt")
         pc = self.tenant(salt)
         t0 = self.timer.now()
         r = pc.answer(prompt, use_cache=self.use_cache, config=config, on_text=on_text)
-        ttft = r.timing.ttft_ms if r.timing.ttft_ms else self.timer.ms_since(t0)
-        done = Completion(r.text, r.token_ids, "length" if r.finish_reason == "length" else "stop",
-                          r.usage.prompt_tokens, r.usage.cached_tokens, 0, r.usage.completion_tokens, ttft,
-                          reported_cached=r.usage.cached_tokens)  # modular reuse: reported exactly
-        return self._finish(done, endpoint, remember)
+        return self._finish(_pml_completion(r, r.timing.ttft_ms or self.timer.ms_since(t0)), endpoint, remember)
+
+    async def answer_pml_queued(self, prompt: str, config: GenerationConfig, salt: str = "",
+                                on_text: Callable[[str], None] | None = None, endpoint: str = "chat",
+                                remember: Callable[[Completion], None] | None = None) -> Completion:
+        """`answer_pml` on the model thread, packed with the PML requests of the same tenant and
+        generation settings that are waiting for it at the same time (continuous arrival: a request
+        that finds the model busy waits, and whoever runs next takes every compatible waiting request
+        along, up to `max_batch`). A lone request is answered at once, exactly as `answer_pml`."""
+        request = PmlRequest(prompt, config, salt, on_text, endpoint, remember)
+        with self.lock:
+            self._waiting.append(request)
+        return await self.run(self._serve_pml, request)
+
+    def _serve_pml(self, request: PmlRequest) -> Completion:
+        with self.lock:
+            if request in self._waiting:  # not yet answered in an earlier request's batch
+                group = [request] + [q for q in self._waiting
+                                     if q is not request and (q.salt, q.config) == (request.salt, request.config)]
+                group = group[:self.max_batch]
+                self._waiting = [q for q in self._waiting if not any(q is g for g in group)]
+            else:
+                group = []
+        if group:
+            self._answer_group(group)
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _answer_group(self, group: list[PmlRequest]) -> None:
+        """Answer queued requests of one tenant and config: packed when there are several and the
+        engine can pack them (`prompt_cache.batch.unbatchable`), else one by one. Each request gets
+        its own result or its own error; one bad prompt never fails the others."""
+        pc = self.tenant(group[0].salt)
+        why = batch.unbatchable(pc) or (None if self.use_cache else "the cache is off")
+        if len(group) > 1 and why is not None:
+            log.info("answering %d waiting PML requests one by one: %s", len(group), why)
+        if len(group) == 1 or why is not None:
+            for q in group:
+                try:
+                    q.result = self.answer_pml(q.prompt, q.config, q.salt, q.on_text, q.endpoint, q.remember)
+                except Exception as e:  # noqa: BLE001 - handed to the request's own awaiter
+                    q.error = e
+            return
+        ok = []
+        for q in group:  # bind first, so that one malformed prompt fails alone
+            try:
+                _require_xml(q.prompt, "prompt")
+                pc.bind(q.prompt)
+                ok.append(q)
+            except Exception as e:  # noqa: BLE001 - handed to the request's own awaiter
+                q.error = e
+        streams = [TextStream(self.lm.tokenizer, q.config.stop) if q.on_text is not None else None for q in ok]
+
+        def on_token(i: int, token: int) -> None:
+            if streams[i] is not None and not streams[i].stopped and (piece := streams[i].push(token)):
+                ok[i].on_text(piece)
+
+        if not ok:
+            return
+        try:
+            results = pc.answer_batch([q.prompt for q in ok], config=ok[0].config, on_token=on_token)
+        except Exception as e:  # noqa: BLE001 - e.g. a module too long to encode: each request fails with it
+            for q in ok:
+                q.error = e
+            return
+        for q, stream, r in zip(ok, streams, results):
+            if stream is not None and (tail := stream.flush()):
+                q.on_text(tail)
+            q.result = self._finish(_pml_completion(r, r.timing.ttft_ms), q.endpoint, q.remember)
+        if len(ok) > 1:
+            with self.lock:
+                self.totals.batches += 1
+                self.totals.batched_requests += len(ok)
 
     # -- the semantic cache (L1) ---------------------------------------------------------------
     def semantic_begin(self, endpoint: str, question: str, context: dict, config: GenerationConfig,
@@ -304,6 +385,27 @@ class Worker:
             if s.disk is not None:
                 out["disk"] += sum(m.nbytes for m in s.disk.entries())
         return out
+
+
+@dataclass(eq=False)
+class PmlRequest:
+    """A PML request waiting for the model thread; it may be answered in another request's batch."""
+
+    prompt: str
+    config: GenerationConfig
+    salt: str
+    on_text: Callable[[str], None] | None
+    endpoint: str
+    remember: Callable[[Completion], None] | None
+    result: Completion | None = None
+    error: BaseException | None = None
+
+
+def _pml_completion(r, ttft_ms: float) -> Completion:
+    """A Completion from an engine Result (modular reuse: cached tokens reported exactly, none written)."""
+    return Completion(r.text, r.token_ids, "length" if r.finish_reason == "length" else "stop",
+                      r.usage.prompt_tokens, r.usage.cached_tokens, 0, r.usage.completion_tokens, ttft_ms,
+                      reported_cached=r.usage.cached_tokens)
 
 
 @dataclass(frozen=True)
