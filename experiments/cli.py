@@ -17,6 +17,8 @@ EXPERIMENTS = {
     "quality": "task scores with and without the cache, and fidelity to the baseline",
     "speed": "the speed benchmark: cached vs full-prefill TTFT on one 4,000-token module, with targets",
     "batch": "a packed batch of prompts over one schema against answering them one by one: tokens/s",
+    "peers": "TTFT beside llama.cpp on the same GGUF and token ids: full prefill, prefix reuse, modular reuse "
+             "(optional: needs the [peers] extra)",
     "sink": "fidelity of the independent policy with and without the leading root text as attention sink",
     "recovery": "recovery policies (blend:R, link:K) against independent and schema: fidelity vs TTFT",
     "semantic": "semantic cache (L1): false-hit rate on different SQuAD questions, hit rate on surface rewrites",

@@ -53,3 +53,33 @@ def line_plot(path: Path, series: Sequence[Series], *, xlabel: str, ylabel: str,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def bar_plot(path: Path, groups: Sequence[str], bars: dict[str, Sequence[float]], *, ylabel: str, title: str = "",
+             logy: bool = False) -> Path:
+    """Write grouped bars to `path`: one group per name in `groups`, one bar per key of `bars`
+    (its values in group order), each labelled with its value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    width = 0.8 / max(1, len(bars))
+    for k, (label, values) in enumerate(bars.items()):
+        xs = [g + (k - (len(bars) - 1) / 2) * width for g in range(len(groups))]
+        drawn = ax.bar(xs, values, width, label=label)
+        ax.bar_label(drawn, fmt="%.3g", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
