@@ -57,24 +57,37 @@ _PLAIN_KWARGS = {"sliding_window", "position_ids", "cache_position", "use_cache"
 
 def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
               is_causal: bool | None = None, **kwargs):
-    """transformers' sdpa attention, except that grouped-query attention with a mask stays grouped.
+    """transformers' sdpa attention, except that grouped-query attention reads each key/value head once.
 
     transformers repeats every key/value head for each query head (`repeat_kv`, a full copy of
-    the cache per layer and forward) whenever a mask is given, keeping SDPA's `enable_gqa` for
-    mask-free calls. Our forwards over an assembled cache always have a mask, so a 39-token
-    prefill over 4,000 cached tokens spent 305 of its 824 ms copying (smollm2-135m, 3 KV heads
-    for 9 query heads) and SDPA ran over three times the keys. `enable_gqa=True` with the mask
-    gives the same output (equal bit for bit on that shape; tests compare logits) without the copy.
-    Anything else (no groups, no mask, one query token, extra arguments) goes to transformers'.
+    the cache per layer and forward) whenever a mask is given: a 39-token prefill over 4,000
+    cached tokens spent 305 of its 824 ms copying (smollm2-135m, 3 KV heads for 9 query heads).
+    SDPA's `enable_gqa` avoids the copy but its CPU kernel still reads a key/value head once per
+    query head. Here the query heads of a group become rows of one head instead: queries
+    `[B, H, q, D]` are viewed as `[B, KV, G*q, D]`, the mask repeated over the G rows (bytes, not
+    the cache), so each key/value head is read once per forward, which is what bounds a decode
+    step at 4,000 tokens. Each query row still attends to exactly the keys it did, with the same
+    scale: the output is the same (tests compare logits with transformers' sdpa).
+    Anything else (no groups, causal without a mask, extra arguments, other devices) goes to
+    transformers'.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if (groups > 1 and attention_mask is not None and query.shape[2] > 1 and query.device.type == "cpu"
+    b, heads, q, d = query.shape
+    if (groups > 1 and (attention_mask is not None or q == 1) and query.device.type == "cpu" and not dropout
             and not {k for k, v in kwargs.items() if v is not None} - _PLAIN_KWARGS):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+        kv = heads // groups
+        rows = query.reshape(b, kv, groups * q, d)  # head h = kv * groups + g: rows g*q .. g*q+q-1
+        mask = attention_mask
+        if mask is not None:
+            t = mask.shape[-1]
+            if mask.shape[1] == 1:  # one mask for every head: the same over a group's G rows
+                mask = mask.expand(b, 1, q, t)[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
+            else:  # a mask per query head: head kv*G + g becomes rows g*q.. of head kv
+                mask = mask.expand(b, heads, q, t).reshape(b, kv, groups * q, t)
+        out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

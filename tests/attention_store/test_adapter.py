@@ -146,3 +146,24 @@ def test_grouped_attention_without_repeat_equals_transformers_sdpa(arch):
                                     allowed=allowed)
     lm.model.set_attn_implementation(adapter.ATTENTION)
     torch.testing.assert_close(out[adapter.ATTENTION], out["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3"])
+@pytest.mark.parametrize("hidden", [False, True])
+def test_one_token_decode_with_grouped_rows_equals_transformers_sdpa(arch, hidden):
+    # A decode step (one query token) over a cache with gaps, with and without a mask: query heads
+    # of a group become rows of their key/value head; logits as transformers' sdpa.
+    lm = tiny_model(arch)
+    pos = torch.cat([torch.arange(6), torch.arange(20, 26)])
+    allowed = None
+    if hidden:
+        allowed = torch.ones(1, 13, dtype=torch.bool)
+        allowed[:, 2:5] = False
+    out = {}
+    for impl in (adapter.ATTENTION, "sdpa"):
+        lm.model.set_attn_implementation(impl)
+        cache = adapter.new_cache()
+        adapter.forward(lm.model, torch.arange(3, 15), pos, cache, None)
+        out[impl] = adapter.forward(lm.model, torch.tensor([4]), torch.tensor([30]), cache, pos, allowed=allowed)
+    lm.model.set_attn_implementation(adapter.ATTENTION)
+    torch.testing.assert_close(out[adapter.ATTENTION], out["sdpa"], atol=1e-5, rtol=1e-5)
