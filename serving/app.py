@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pml.errors import PMLError
 from prompt_cache.generation import GenerationConfig
+from prompt_cache.limits import model_context
 from prompt_cache.semantic.engine_hook import pml_context
 from serving import protocol as P
 from serving.metrics import Metrics
@@ -123,9 +124,14 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
                 raise ApiError(400, f"`{name}` is not supported by this server (describe tools in the system "
                                     "prompt instead)", param=name)
 
-    def check_prompt(n: int) -> None:
+    def check_prompt(n: int, max_tokens: int) -> None:
         if n > limits.max_prompt_tokens:
             raise ApiError(400, f"prompt has {n} tokens, over the {limits.max_prompt_tokens} token limit")
+        context = model_context(worker.lm)
+        if n + max_tokens > context:  # OpenAI's and vLLM's rule and wording (context_length_exceeded)
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
+                                "Please reduce the length of the prompt or of max_tokens.")
 
     def gen_config(max_tokens, temperature, top_p, seed, stop) -> GenerationConfig:
         if max_tokens is None:
@@ -222,7 +228,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
                 rendered = render_chat(worker.lm.tokenizer, messages)
             except RenderError as e:
                 raise ApiError(400, str(e), param="messages") from None
-            check_prompt(len(rendered.ids))
+            check_prompt(len(rendered.ids), config.max_new_tokens)
             fn = functools.partial(worker.complete, rendered.ids, config, salt)
             question, context = _chat_question(messages)
         shape = _ChatShape(body.model, body.stream_options is not None and body.stream_options.include_usage)
@@ -240,7 +246,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         ids = render_text(worker.lm.tokenizer, prompt)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        check_prompt(len(ids))
+        check_prompt(len(ids), config.max_new_tokens)
         salt = salt_of(request, body.cache_salt)
         fn = functools.partial(worker.complete, ids, config, salt)
         shape = _CompletionShape(body.model, body.stream_options is not None and body.stream_options.include_usage)
@@ -265,7 +271,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         if len(rendered.breakpoints) > MAX_BREAKPOINTS:
             raise ApiError(400, f"at most {MAX_BREAKPOINTS} blocks may have cache_control; got "
                                 f"{len(rendered.breakpoints)}")
-        check_prompt(len(rendered.ids))
+        check_prompt(len(rendered.ids), config.max_new_tokens)
         # Anthropic reads and writes the cache only up to breakpoints; without one, nothing is cached.
         last = max((at for at, _ in rendered.breakpoints), default=0)
         salt = salt_of(request, body.cache_salt)

@@ -29,7 +29,7 @@ from attention_store.store import AttentionStore
 from attention_store.tiers import DiskTier, MemoryTier
 from pml.errors import PMLError
 from pml.parser import parse_schema
-from prompt_cache import batch, generation
+from prompt_cache import batch, generation, limits
 from prompt_cache.engine import PromptCache
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.prefix import PrefixCache, PrefixConfig
@@ -291,7 +291,8 @@ class Worker:
         for q in group:  # bind first, so that one malformed prompt fails alone
             try:
                 _require_xml(q.prompt, "prompt")
-                pc.bind(q.prompt)
+                s, bound = pc.bind(q.prompt)
+                limits.check_generation(s.layout.length + len(bound.suffix_ids), q.config.max_new_tokens, self.lm)
                 ok.append(q)
             except Exception as e:  # noqa: BLE001 - handed to the request's own awaiter
                 q.error = e

@@ -59,6 +59,19 @@ def test_a_prompt_running_past_the_context_is_refused(lm, no_forward):
     assert layout.length < context
 
 
+def test_asking_for_more_new_tokens_than_the_context_has_left_is_refused(lm, no_forward):
+    # As vLLM refuses prompt + max_tokens over max_model_len: never generate past the context.
+    context = lm.model.config.max_position_embeddings
+    pc = PromptCache(lm)
+    pc.add_schema(f'<schema name="s">ab<module name="m">{"x" * (context - 20)}</module></schema>')
+    prompt = '<prompt schema="s"><m/>' + "y" * 5 + "</prompt>"
+    s, bound = pc.bind(prompt)
+    end = s.layout.length + len(bound.suffix_ids)
+    for call in (lambda cfg: pc.answer(prompt, config=cfg), lambda cfg: pc.answer_batch([prompt, prompt], config=cfg)):
+        with pytest.raises(LimitError, match=rf"asks for {context - end + 1} new tokens.*at most {context - end} new"):
+            call(GenerationConfig(max_new_tokens=context - end + 1))
+
+
 def test_module_and_token_bounds():
     from prompt_cache.tiny import ByteTokenizer
 

@@ -72,6 +72,23 @@ def test_too_many_prompt_tokens_is_a_400(http):
     assert r.status_code == 400 and "token limit" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages"])
+def test_prompt_plus_max_tokens_past_the_context_is_a_400(http, path, monkeypatch):
+    # The tiny model's context is 8,192, more than the test server's limits allow: pretend it is 40.
+    import serving.app
+
+    monkeypatch.setattr(serving.app, "model_context", lambda lm: 40)
+    body = {**GOOD, "max_tokens": 30, "messages": [{"role": "user", "content": "hello there, friend"}]}
+    if path == "/v1/completions":
+        body = {"model": MODEL, "max_tokens": 30, "prompt": "hello there, friend"}
+    r = http.post(path, json=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "maximum context length is 40 tokens" in message and "30 in the completion" in message
+    monkeypatch.undo()
+    still_serving(http)
+
+
 def test_pml_errors(http):
     def pml(text):
         return http.post("/v1/chat/completions", json={**GOOD, "messages": [], "pml": text}, headers=AUTH)
