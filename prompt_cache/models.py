@@ -448,6 +448,7 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **placement)
     model.eval()
     adapter.use_fast_attention(model)  # sdpa, without copying grouped key/value heads per forward
+    adapter.warm_up(model)  # the first forwards' one-time work, paid here rather than by the first prompt
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_tok = HFTokenizer(tokenizer, name, _generation_eos(model_dir))
     return LoadedModel(name=name, model=model, tokenizer=hf_tok, fingerprint=fingerprint, dtype=dtype)

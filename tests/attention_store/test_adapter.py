@@ -167,3 +167,12 @@ def test_one_token_decode_with_grouped_rows_equals_transformers_sdpa(arch, hidde
         out[impl] = adapter.forward(lm.model, torch.tensor([4]), torch.tensor([30]), cache, pos, allowed=allowed)
     lm.model.set_attn_implementation(adapter.ATTENTION)
     torch.testing.assert_close(out[adapter.ATTENTION], out["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3", "qwen2"])
+def test_warm_up_runs_on_every_architecture_and_changes_nothing(arch):
+    lm = tiny_model(arch)
+    ids, pos = torch.arange(3, 9), torch.arange(6)
+    before = adapter.forward(lm.model, ids, pos, adapter.new_cache(), None)
+    adapter.warm_up(lm.model)
+    torch.testing.assert_close(adapter.forward(lm.model, ids, pos, adapter.new_cache(), None), before, atol=0, rtol=0)
