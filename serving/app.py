@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -238,11 +238,13 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
     async def completions(body: P.CompletionRequest, request: Request):
         check_model(body.model)
         prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "send one prompt per request", param="prompt")
-            prompt = prompt[0]
         config = gen_config(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop)
+        if isinstance(prompt, list):
+            if not prompt:
+                raise ApiError(400, "the prompt list is empty", param="prompt")
+            if len(prompt) > 1:
+                return await several_completions(body, prompt, config, request)
+            prompt = prompt[0]
         ids = render_text(worker.lm.tokenizer, prompt)
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -252,6 +254,34 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         shape = _CompletionShape(body.model, body.stream_options is not None and body.stream_options.include_usage)
         # A plain prompt is all question: it hits only a near-identical prompt.
         return await respond("completions", fn, body.stream, shape, request, (prompt, {}, config, salt))
+
+    async def several_completions(body: P.CompletionRequest, prompts: list[str], config: GenerationConfig,
+                                  request: Request):
+        """OpenAI's list of prompts: one choice per prompt (`index` = its place), usage summed. Each
+        prompt is its own request to the worker, through the prefix cache; the semantic cache is
+        not consulted (its key is one question)."""
+        if body.stream:
+            raise ApiError(400, "stream several prompts as separate requests (a list of prompts is answered "
+                                "without streaming)", param="stream")
+        ids = []
+        for i, text in enumerate(prompts):
+            ids.append(render_text(worker.lm.tokenizer, text))
+            if not ids[-1]:
+                raise ApiError(400, f"prompt {i} is empty", param="prompt")
+            check_prompt(len(ids[-1]), config.max_new_tokens)
+        salt = salt_of(request, body.cache_salt)
+        done = [await worker.run(functools.partial(worker.complete, x, config, salt, endpoint="completions"))
+                for x in ids]
+        for c in done:
+            metrics.observe("completions", c)
+        metrics.requests.labels("completions", "200").inc()
+        shape = _CompletionShape(body.model, False)
+        total = replace(done[0], **{f: sum(getattr(c, f) for c in done) for f in
+                                                ("prompt_tokens", "cached_tokens", "written_tokens",
+                                                 "completion_tokens", "reported_cached")})
+        return JSONResponse({**shape.final(total), "choices": [
+            {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            for i, c in enumerate(done)]})
 
     # -- Anthropic ---------------------------------------------------------------------------------
     @app.post("/v1/messages")

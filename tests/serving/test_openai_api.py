@@ -84,6 +84,20 @@ def test_completions_endpoint_caches_a_plain_prompt(client):
     assert b.usage.prompt_tokens_details.cached_tokens == (b.usage.prompt_tokens - 1) // 4 * 4
 
 
+def test_completions_with_a_list_of_prompts_give_one_choice_each(client):
+    prompts = ["The capital of Peru is", "Rivers flow into the", "A short poem about snow:"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0) for p in prompts]
+    several = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert [c.text for c in several.choices] == [a.choices[0].text for a in alone]
+    assert several.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert several.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    with pytest.raises(openai.BadRequestError, match="separate requests"):
+        client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, stream=True)
+    with pytest.raises(openai.BadRequestError, match="prompt list is empty"):
+        client.completions.create(model=MODEL, prompt=[], max_tokens=4)
+
+
 def test_pml_prompt_via_extra_body_reuses_modules(client):
     http = client._client
     r = http.post(f"{client.base_url}schemas", json={"pml": SCHEMA}, headers={"Authorization": f"Bearer {API_KEY}"})
