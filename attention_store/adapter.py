@@ -121,17 +121,11 @@ class BufferedLayer(DynamicLayer):
     it grows geometrically (one copy). `truncate` only moves the filled length back.
     """
 
-    def __init__(self, reserve: int = 0, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+    def __init__(self, reserve: int = 0):
         super().__init__()
         self.reserve = reserve  # room kept beyond the first fill: the tokens still to come
         self.length = 0
         self._k = self._v = None
-        if keys is not None:
-            self._allocate(keys, keys.shape[-2] + reserve)
-            self._k[:, :, :keys.shape[-2]].copy_(keys)
-            self._v[:, :, :keys.shape[-2]].copy_(values)
-            self.length = keys.shape[-2]
-            self._views()
 
     @classmethod
     def from_parts(cls, key_parts: list[torch.Tensor], value_parts: list[torch.Tensor], reserve: int,
@@ -212,11 +206,12 @@ def new_cache(keys=None, values=None, reserve: int | None = None) -> DynamicCach
     empty layer would concatenate onto an empty tensor, one more full copy. Either way the given
     tensors are never written to.
     """
+    if reserve is not None and keys is not None:
+        return buffered_cache([[k] for k in keys], [[v] for v in values], reserve, keys[0].dtype,
+                              [k.device for k in keys])
     cache = DynamicCache()
     if reserve is not None:
         cache.layer_class_to_replicate = functools.partial(BufferedLayer, reserve)
-        if keys is not None:
-            cache.layers = [BufferedLayer(reserve, k, v) for k, v in zip(keys, values, strict=True)]
         return cache
     if keys is not None:
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):

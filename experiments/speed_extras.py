@@ -63,6 +63,9 @@ class Contention:
 def cli_runs(model: str, schema: Path, prompt: Path, store: Path, threads: int, repeats: int,
              progress=None) -> list[dict]:
     """`pml run --json` as fresh processes, `full` (--no-cache) and `cached` interleaved per repeat."""
+    from prompt_cache.timing import Clock
+
+    clock = Clock()  # wall time of each child process, read in this one
     rows = []
     for r in range(repeats):
         for mode in (("full", "cached") if r % 2 == 0 else ("cached", "full")):
@@ -70,9 +73,9 @@ def cli_runs(model: str, schema: Path, prompt: Path, store: Path, threads: int, 
                    "--store", str(store), "--max-new-tokens", "1", "--threads", str(threads), "--json"]
             if mode == "full":
                 cmd.append("--no-cache")
-            t = time.perf_counter()
+            t = clock.now()
             done = subprocess.run(cmd, capture_output=True, text=True)
-            wall = (time.perf_counter() - t) * 1e3
+            wall = clock.ms_since(t)
             if done.returncode != 0:
                 raise RuntimeError(f"pml run failed ({done.returncode}): {done.stderr.strip()[-500:]}")
             out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -94,12 +97,15 @@ def cli_summary(rows: list[dict]) -> tuple[list[dict], float]:
 
 
 def _best_ms(fn, repeats: int = 7) -> float:
+    from prompt_cache.timing import Clock
+
+    clock = Clock()  # the tensors here are CPU tensors
     fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock.now()
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
+        times.append(clock.ms_since(t))
     return min(times)
 
 

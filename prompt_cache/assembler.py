@@ -105,21 +105,20 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
     preallocated buffers with room for the fresh tokens and those (`adapter.BufferedLayer`), so
     neither prefill nor decoding copies the cache again; None adopts views where it can.
     """
-    devices = _per_layer(device, len(next(iter(entries.values())).keys) if entries else 0)
     # Each piece is a (start, end) run of an entry's tokens to keep: everything but the scaffold
     # tokens of parameters that get another value. Slicing runs makes views, so the one
     # concatenation below is the only copy of the states on the time-to-first-token path.
     pieces: list[tuple[KVEntry, int, int]] = []
     for unit in used_units(p, bound):
-        pieces += [(entries[unit], lo, hi) for lo, hi in _runs(kept_tokens(layout, unit, entries[unit], bound))]
+        pieces += [(entries[unit], lo, hi) for lo, hi in runs(kept_tokens(layout, unit, entries[unit], bound))]
     ids, pos = fresh_tokens(layout, bound)
     reserve = None if room is None else len(ids) + room
-    if pieces and reserve is not None:
-        n_layers = len(pieces[0][0].keys)
-        parts = lambda which, i: [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]  # noqa: E731 (views)
-        cache = adapter.buffered_cache([parts("keys", i) for i in range(n_layers)],
-                                       [parts("values", i) for i in range(n_layers)], reserve, dtype, devices)
+    if reserve is not None:
+        cache, cache_positions = buffered(pieces, reserve, dtype, device)
     elif pieces:
+        n_layers = len(pieces[0][0].keys)
+        devices = _per_layer(device, n_layers)
+
         def layer(which: str, i: int) -> torch.Tensor:
             # Pieces may sit on another device than layer i (a memory tier on one device, a disk
             # load on CPU): move each to layer i's device before the concatenation.
@@ -127,19 +126,33 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
             out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
             return out.to(device=devices[i], dtype=dtype)
 
-        n_layers = len(pieces[0][0].keys)
         cache = adapter.new_cache([layer("keys", i) for i in range(n_layers)],
                                   [layer("values", i) for i in range(n_layers)])
-    if pieces:
         cache_positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
+    else:
+        cache, cache_positions = adapter.new_cache(), torch.zeros(0, dtype=torch.long)
+    if pieces:
         cache_ids = torch.cat([e.token_ids[lo:hi] for e, lo, hi in pieces])
         cache_spans = tuple((e.meta.module, hi - lo) for e, lo, hi in pieces)
     else:
-        cache, cache_positions = adapter.new_cache(reserve=reserve), torch.zeros(0, dtype=torch.long)
         cache_ids, cache_spans = torch.zeros(0, dtype=torch.long), ()
     return Assembled(cache, cache_positions, torch.tensor(ids, dtype=torch.long),
                      torch.tensor(pos, dtype=torch.long), layout.length + len(bound.suffix_ids),
                      cache_ids.cpu(), cache_spans)
+
+
+def buffered(pieces: list[tuple[KVEntry, int, int]], reserve: int, dtype: torch.dtype,
+             device: torch.device | str | Sequence[torch.device | str] = "cpu") -> tuple[object, torch.Tensor]:
+    """A cache of preallocated layers holding the `(entry, lo, hi)` runs in order (one copy, straight
+    into buffers with `reserve` free slots), and the runs' positions."""
+    if not pieces:
+        return adapter.new_cache(reserve=reserve), torch.zeros(0, dtype=torch.long)
+    n_layers = len(pieces[0][0].keys)
+    part = lambda which, i: [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]  # noqa: E731 (views)
+    cache = adapter.buffered_cache([part("keys", i) for i in range(n_layers)],
+                                   [part("values", i) for i in range(n_layers)], reserve, dtype,
+                                   _per_layer(device, n_layers))
+    return cache, torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
 
 
 def _per_layer(device, n_layers: int) -> list[torch.device]:
@@ -152,7 +165,7 @@ def _per_layer(device, n_layers: int) -> list[torch.device]:
     return devices
 
 
-def _runs(keep: torch.Tensor) -> list[tuple[int, int]]:
+def runs(keep: torch.Tensor) -> list[tuple[int, int]]:
     """Maximal runs of True in a bool [T] tensor, as (start, end) pairs."""
     flags = keep.tolist()
     runs, start = [], None

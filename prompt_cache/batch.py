@@ -75,7 +75,7 @@ def answer_packed(pc, schema_state, bounds: list, config: GenerationConfig,
     kept = {u: torch.stack([assembler.kept_tokens(s.layout, u, entries[u], b) if u in assembler.used_units(s.plan, b)
                             else torch.zeros(entries[u].positions.numel(), dtype=torch.bool) for b in bounds])
             for u in units}  # [prompts, entry tokens]
-    runs = [(u, lo, hi) for u in units for lo, hi in assembler._runs(kept[u].any(0))]
+    runs = [(u, lo, hi) for u in units for lo, hi in assembler.runs(kept[u].any(0))]
     pieces = [(entries[u], lo, hi) for u, lo, hi in runs]
     keep = (torch.cat([kept[u][:, lo:hi] for u, lo, hi in runs], dim=1) if runs
             else torch.zeros(len(bounds), 0, dtype=torch.bool))
@@ -86,15 +86,7 @@ def answer_packed(pc, schema_state, bounds: list, config: GenerationConfig,
     fresh_total = sum(len(r.fresh_ids) for r in rows)
     room = fresh_total + len(rows) * config.max_new_tokens
     dtype = pc._model_dtype()
-    if pieces:
-        n_layers = len(pieces[0][0].keys)
-        part = lambda which, i: [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]  # noqa: E731 (views)
-        devices = assembler._per_layer(pc.layer_devices, n_layers)
-        cache = adapter.buffered_cache([part("keys", i) for i in range(n_layers)],
-                                       [part("values", i) for i in range(n_layers)], room, dtype, devices)
-        cache_positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
-    else:
-        cache, cache_positions = adapter.new_cache(reserve=room), torch.zeros(0, dtype=torch.long)
+    cache, cache_positions = assembler.buffered(pieces, room, dtype, pc.layer_devices)
     n_cached = cache_positions.numel()
     t1 = clock.now()
     # Prefill: every prompt's fresh tokens, packed.

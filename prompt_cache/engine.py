@@ -200,7 +200,7 @@ class PromptCache:
     def _answer(self, prompt, use_cache: bool, config: GenerationConfig, on_text,
                 continuation: list[int] | None = None, limit: int | None = None, scored: bool = False):
         s, bound = self.bind(prompt)
-        limits.check_generation(s.layout.length + len(bound.suffix_ids), config.max_new_tokens, self.lm)
+        limits.check_generation(s.layout, bound, config.max_new_tokens, self.lm)
         l1 = None
         if self.semantic_cache is not None and not scored:
             l1 = _l1.request(self, prompt, s, bound, use_cache, config)
@@ -273,7 +273,7 @@ class PromptCache:
             return results
         bound = [self.bind(p) for p in prompts]
         for s, b in bound:
-            limits.check_generation(s.layout.length + len(b.suffix_ids), config.max_new_tokens, self.lm)
+            limits.check_generation(s.layout, b, config.max_new_tokens, self.lm)
         results: list[Result | None] = [None] * len(prompts)
         for name in dict.fromkeys(s.layout.schema_name for s, _ in bound):
             idx = [i for i, (s, _) in enumerate(bound) if s.layout.schema_name == name]

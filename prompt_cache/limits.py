@@ -67,14 +67,14 @@ def check_prompt(layout, bound, lm, limits: Limits = Limits()) -> None:
                          f"context of {context}; shorten the prompt's text", element="prompt")
 
 
-def check_generation(prompt_end: int, max_new_tokens: int, lm, limits: Limits = Limits(), where: str = "the prompt") -> None:
-    """LimitError if a prompt ending at position `prompt_end` plus `max_new_tokens` generated tokens
-    would run past the model's context (as vLLM refuses prompt + max_tokens over max_model_len:
-    generating past the context gives garbage, not an error, and cutting it short silently would
-    change the answer)."""
+def check_generation(layout, bound, max_new_tokens: int, lm, limits: Limits = Limits()) -> None:
+    """LimitError if the prompt's last position plus `max_new_tokens` generated tokens would run past
+    the model's context (as vLLM refuses prompt + max_tokens over max_model_len: generating past the
+    context gives garbage, not an error, and cutting it short silently would change the answer)."""
     context = model_context(lm, limits)
-    if prompt_end + max_new_tokens > context:
-        raise LimitError(f"{where} ends at position {prompt_end} and asks for {max_new_tokens} new tokens, "
-                         f"{prompt_end + max_new_tokens} in all, past model {lm.name!r}'s context of {context}; "
-                         f"ask for at most {max(0, context - prompt_end)} new tokens or shorten the prompt",
+    end = layout.length + len(bound.suffix_ids)
+    if end + max_new_tokens > context:
+        raise LimitError(f"the prompt ends at position {end} and asks for {max_new_tokens} new tokens, "
+                         f"{end + max_new_tokens} in all, past model {lm.name!r}'s context of {context}; "
+                         f"ask for at most {max(0, context - end)} new tokens or shorten the prompt",
                          element="prompt")

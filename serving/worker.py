@@ -292,7 +292,7 @@ class Worker:
             try:
                 _require_xml(q.prompt, "prompt")
                 s, bound = pc.bind(q.prompt)
-                limits.check_generation(s.layout.length + len(bound.suffix_ids), q.config.max_new_tokens, self.lm)
+                limits.check_generation(s.layout, bound, q.config.max_new_tokens, self.lm)
                 ok.append(q)
             except Exception as e:  # noqa: BLE001 - handed to the request's own awaiter
                 q.error = e
