@@ -133,6 +133,14 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
                                 f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
                                 "Please reduce the length of the prompt or of max_tokens.")
 
+    def completion_ids(text: str, config: GenerationConfig, which: str = "the prompt") -> list[int]:
+        """A /v1/completions prompt's token ids (BOS + text), checked against the limits."""
+        ids = render_text(worker.lm.tokenizer, text)
+        if not ids:
+            raise ApiError(400, f"{which} is empty", param="prompt")
+        check_prompt(len(ids), config.max_new_tokens)
+        return ids
+
     def gen_config(max_tokens, temperature, top_p, seed, stop) -> GenerationConfig:
         if max_tokens is None:
             max_tokens = limits.max_completion_tokens
@@ -245,10 +253,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
             if len(prompt) > 1:
                 return await several_completions(body, prompt, config, request)
             prompt = prompt[0]
-        ids = render_text(worker.lm.tokenizer, prompt)
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        check_prompt(len(ids), config.max_new_tokens)
+        ids = completion_ids(prompt, config)
         salt = salt_of(request, body.cache_salt)
         fn = functools.partial(worker.complete, ids, config, salt)
         shape = _CompletionShape(body.model, body.stream_options is not None and body.stream_options.include_usage)
@@ -263,12 +268,7 @@ def create_app(worker: Worker, *, api_keys: tuple[str, ...] = (), salt_per_key: 
         if body.stream:
             raise ApiError(400, "stream several prompts as separate requests (a list of prompts is answered "
                                 "without streaming)", param="stream")
-        ids = []
-        for i, text in enumerate(prompts):
-            ids.append(render_text(worker.lm.tokenizer, text))
-            if not ids[-1]:
-                raise ApiError(400, f"prompt {i} is empty", param="prompt")
-            check_prompt(len(ids[-1]), config.max_new_tokens)
+        ids = [completion_ids(text, config, f"prompt {i}") for i, text in enumerate(prompts)]
         salt = salt_of(request, body.cache_salt)
         done = [await worker.run(functools.partial(worker.complete, x, config, salt, endpoint="completions"))
                 for x in ids]

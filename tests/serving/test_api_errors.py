@@ -89,6 +89,17 @@ def test_prompt_plus_max_tokens_past_the_context_is_a_400(http, path, monkeypatc
     still_serving(http)
 
 
+def test_an_empty_completion_prompt_is_a_400(live, http, monkeypatch):
+    # Only a tokenizer without BOS turns "" into no tokens at all: take the tiny model's BOS away.
+    server, _ = live
+    monkeypatch.setattr(server.worker.lm.tokenizer, "bos_ids", ())
+    for prompt, which in (("", "the prompt is empty"), (["hello", ""], "prompt 1 is empty")):
+        r = http.post("/v1/completions", json={"model": MODEL, "max_tokens": 2, "prompt": prompt}, headers=AUTH)
+        assert r.status_code == 400 and which in r.json()["error"]["message"]
+    monkeypatch.undo()
+    still_serving(http)
+
+
 def test_pml_errors(http):
     def pml(text):
         return http.post("/v1/chat/completions", json={**GOOD, "messages": [], "pml": text}, headers=AUTH)
