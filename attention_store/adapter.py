@@ -316,8 +316,8 @@ def warm_up(model) -> None:
     """Do once, at load, the one-time work of a process's first forwards: an 8-token prefill, a
     3-token prefill over it under a mask (the path every cached prompt takes) and a 1-token decode
     step. They touch every weight page and set up the kernels, so the first timed prompt does not
-    pay for them (measured on smollm2-135m: the first cached 39-token prefill of a fresh process,
-    434-442 ms without, 388-403 ms with, for about 275 ms more at load; docs/RESULTS.md)."""
+    pay for them (smollm2-135m, the first cached 39-token prefill of a fresh process: 429-442 ms
+    without, 388-406 ms with, for about 250 ms more at load; `scripts/probes/cold_start.py`)."""
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.arange(8) % vocab
     cache = new_cache(reserve=4)

@@ -1,10 +1,12 @@
 """Large host buffers backed by transparent huge pages where the kernel offers them.
 
 A fresh 176 MiB `np.empty` is untouched memory: the first write to each 4 KiB page faults into the
-kernel, about 45,000 faults per entry, and on this machine that made reading a warm entry file
-cost 130-220 ms where the copy itself takes about 40 ms. An anonymous private mapping advised
-`MADV_HUGEPAGE` faults once per 2 MiB instead (measured side by side: 44 ms against 223 ms for a
-184 MiB read from the page cache, docs/RESULTS.md). The memory is private to this process, like
+kernel, about 45,000 faults per entry, so reading a warm entry file into it costs 82-282 ms where
+the read itself takes about 25 ms. An anonymous private mapping advised `MADV_HUGEPAGE` faults
+once per 2 MiB instead: 26-28 ms when the kernel has free 2 MiB blocks, and 231 ms when it must
+compact memory first (`python scripts/probes/fresh_buffers.py ENTRY`, docs/RESULTS.md). Kept:
+a process that reads entries keeps getting freed huge pages back, and the bad case (231 ms) is
+within `np.empty`'s range. The memory is private to this process, like
 `np.empty`'s: nothing another process does to a file changes it (no SIGBUS, unlike a file mapping).
 Where huge pages are off (`/sys/kernel/mm/transparent_hugepage/enabled` = never) or the platform
 has no `madvise`, this is an ordinary anonymous mapping: correct, just without the saving.

@@ -1,0 +1,40 @@
+"""Shared by the probes: the speed benchmark's 4,000-token module and question over smollm2-135m, one thread."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout: `python scripts/probes/X.py`
+
+
+def speed_prompt(context: int = 4000, threads: int = 1):
+    """(PromptCache with the module encoded in a memory tier, schema XML, prompt XML), as `pml bench speed` builds them."""
+    import torch
+
+    from attention_store.store import AttentionStore
+    from attention_store.tiers import MemoryTier
+    from experiments.common import document_pool, exact_text
+    from experiments.data import data_dir
+    from experiments.speed import QUESTION
+    from experiments.workloads import prompt_xml, schema_xml
+    from prompt_cache.engine import PromptCache
+    from prompt_cache.models import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model("smollm2-135m")
+    text, _ = exact_text(lm.tokenizer, document_pool(data_dir(None), lm.tokenizer, context), context)
+    pc = PromptCache(lm, AttentionStore(MemoryTier(8 << 30), None))
+    schema = schema_xml("speed", [text])
+    pc.add_schema(schema)
+    pc.encode("speed")
+    return pc, schema, prompt_xml("speed", 1, QUESTION)
+
+
+def median_ms(fn, repeats: int = 10) -> float:
+    """Median milliseconds of `fn()` (after an untimed call)."""
+    import statistics
+
+    from experiments.speed_extras import time_ms
+
+    return time_ms(fn, repeats, pick=statistics.median)
