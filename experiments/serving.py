@@ -25,7 +25,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from experiments import outputs
+from experiments import outputs, speed_extras
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, reset_store_dir
 from prompt_cache import DEFAULT_MODEL
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-prefix", type=int, default=1024, help="(default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=16, help="prefix cache block (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    parser.add_argument("--contention", type=int, default=0, metavar="N",
+                        help="run N competing PyTorch processes (as `pml bench speed --contention`) while the "
+                             "servers answer (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: repeat, concurrent")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/serving/<model>)")
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         alone = start("cache-one-by-one", "--max-batch", "1") if "concurrent" not in skip else None
         client = {u: openai.OpenAI(base_url=u + "/v1", api_key="none", max_retries=0, timeout=900)
                   for u in (on.url, off.url, alone) if u}
+        servers.enter_context(speed_extras.Contention(args.contention))  # started once the servers are up
+        result["contention"] = args.contention
 
         def send(url: str, **kw) -> tuple[float, dict]:
             t0 = time.perf_counter()
