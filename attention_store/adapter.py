@@ -24,7 +24,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from attention_store import kernels
 from attention_store.buffers import empty_tensor
+from attention_store.kernels import ops as kernel_ops
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
-    if (groups > 1 and (attention_mask is not None or q == 1) and query.device.type == "cpu" and not dropout
+    if ((q == 1 or (groups > 1 and attention_mask is not None)) and query.device.type == "cpu" and not dropout
             and not {k for k, v in kwargs.items() if v is not None} - _PLAIN_KWARGS):
         kv = heads // groups
         rows = query.reshape(b, kv, groups * q, d)  # head h = kv * groups + g: rows g*q .. g*q+q-1
@@ -86,10 +88,18 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
                 mask = mask.expand(b, 1, q, t)[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
             else:  # a mask per query head: head kv*G + g becomes rows g*q.. of head kv
                 mask = mask.expand(b, heads, q, t).reshape(b, kv, groups * q, t)
-        out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+        if q == 1 and _decode_kernel_fits(rows, key, value, mask):  # one pass over K and V (attention_store.kernels)
+            out = kernel_ops.decode_attention(rows, key, value, mask, d ** -0.5 if scaling is None else scaling)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
         return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _decode_kernel_fits(rows, key, value, mask) -> bool:
+    return (rows.dtype == key.dtype == value.dtype == torch.float32 and key.stride(-1) == value.stride(-1) == 1
+            and (mask is None or mask.dtype == torch.float32) and kernels.active())
 
 
 def use_fast_attention(model) -> None:

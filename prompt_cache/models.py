@@ -35,6 +35,7 @@ from attention_store import adapter
 from attention_store.fileio import atomic_write
 from attention_store.paths import cache_dir
 from prompt_cache import DEFAULT_MODEL
+from prompt_cache import packed_weights
 from prompt_cache.loaded import LoadedModel, weights_fingerprint
 from prompt_cache.tokenizer import HFTokenizer
 
@@ -448,6 +449,9 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **placement)
     model.eval()
     adapter.use_fast_attention(model)  # sdpa, without copying grouped key/value heads per forward
+    if name in REGISTRY and placement == {} and dtype == torch.float32:
+        # Decode steps read the GGUF blocks the fp32 weights were expanded from (exactly the same values).
+        packed_weights.attach(model, model_spec(name).locate_gguf(), Path(model_dir), fingerprint)
     adapter.warm_up(model)  # the first forwards' one-time work, paid here rather than by the first prompt
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_tok = HFTokenizer(tokenizer, name, _generation_eos(model_dir))

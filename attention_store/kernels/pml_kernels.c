@@ -1,0 +1,317 @@
+/* Decode-step kernels for the CPU: weight-stationary matrix-vector products over the GGUF block
+ * formats the built-in models ship in, and single-query attention over a preallocated KV cache.
+ *
+ * Built at first use by attention_store/kernels/__init__.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes; every pointer is the data of a contiguous (or explicitly strided) fp32
+ * tensor. No Python or torch headers: the library is plain C.
+ *
+ * Exactness. A packed row holds exactly the fp32 weights the model holds: a Q4_1 weight is
+ * d * q + m (d, m fp16 widened to fp32, q in 0..15), a Q8_0 weight d * q (q in -128..127). d * q is
+ * exact in fp32 (11 + 8 significant bits), so d * q + m rounds once whichever instruction computes
+ * it, and the value equals what gguf-py's dequantization (and so the converted model) holds; the
+ * loader checks that equality for every row before it uses a packed matrix. What differs from
+ * torch's matmul is only the order in which the products are summed (as between any two BLAS).
+ * The same row gives bitwise the same result for 1 or many input rows and any thread count.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PML_AVX2 1
+#endif
+
+#define QK 32 /* weights per block, both formats */
+
+typedef struct { float d, m; uint8_t qs[16]; } q4_1_block;  /* qs[j]: weight j low nibble, j+16 high */
+typedef struct { float d; int8_t qs[32]; } q8_0_block;
+
+int pml_kernels_abi(void) { return 3; } /* bumped when a signature changes; the loader checks it */
+int pml_q4_1_block_bytes(void) { return (int)sizeof(q4_1_block); }
+int pml_q8_0_block_bytes(void) { return (int)sizeof(q8_0_block); }
+int pml_kernels_simd(void) {
+#ifdef PML_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* ---- one block -> 32 weights ----------------------------------------------------------------- */
+
+static inline void q4_1_values(const q4_1_block *b, float *w) {
+  for (int j = 0; j < 16; ++j) {
+    w[j] = b->d * (float)(b->qs[j] & 0x0F) + b->m;
+    w[j + 16] = b->d * (float)(b->qs[j] >> 4) + b->m;
+  }
+}
+
+static inline void q8_0_values(const q8_0_block *b, float *w) {
+  for (int j = 0; j < QK; ++j) w[j] = b->d * (float)b->qs[j];
+}
+
+/* ---- dot products in one fixed order: lane l of accumulator a sums elements 32*i + 8*a + l ----- */
+
+#ifdef PML_AVX2
+static inline float hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+/* 32 weights of a Q4_1 block as four vectors of 8 (weights 0-7, 8-15, 16-23, 24-31). */
+static inline void q4_1_vectors(const q4_1_block *b, __m256 *w) {
+  const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  const __m256 d = _mm256_set1_ps(b->d), m = _mm256_set1_ps(b->m);
+  w[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
+  w[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
+  w[2] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m);
+  w[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
+}
+
+static inline void q8_0_vectors(const q8_0_block *b, __m256 *w) {
+  const __m256 d = _mm256_set1_ps(b->d);
+  for (int a = 0; a < 4; ++a) {
+    const __m128i raw = _mm_loadl_epi64((const __m128i *)(b->qs + 8 * a));
+    w[a] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
+  }
+}
+
+/* One weight row against up to 4 input rows (x + r * n_in, r < 4; a missing row repeats the last):
+ * each block is expanded once in registers and used for every row. Row r's sum runs in the same
+ * order whatever the number of rows. */
+#define DOT_ROWS(VECTORS, BLOCK_T)                                                                  \
+  static inline void dot4_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+                                    int rows, float *y, int64_t y_stride) {                         \
+    const float *xr[4];                                                                             \
+    for (int r = 0; r < 4; ++r) xr[r] = x + (r < rows ? r : rows - 1) * n_in;                       \
+    __m256 a[4][4], w[4];                                                                           \
+    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();       \
+    for (int64_t i = 0; i < nb; ++i) {                                                              \
+      VECTORS(row + i, w);                                                                          \
+      for (int r = 0; r < 4; ++r)                                                                   \
+        for (int j = 0; j < 4; ++j)                                                                 \
+          a[r][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[r] + QK * i + 8 * j), a[r][j]);        \
+    }                                                                                               \
+    for (int r = 0; r < rows; ++r) y[r * y_stride] = hsum4(a[r][0], a[r][1], a[r][2], a[r][3]);     \
+  }                                                                                                 \
+  static inline float dot_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t nb) {              \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];                              \
+    for (int64_t i = 0; i < nb; ++i, x += QK) {                                                     \
+      VECTORS(row + i, w);                                                                          \
+      a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), a0);                                           \
+      a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), a1);                                       \
+      a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), a2);                                      \
+      a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), a3);                                      \
+    }                                                                                               \
+    return hsum4(a0, a1, a2, a3);                                                                   \
+  }
+DOT_ROWS(q4_1_vectors, q4_1_block)
+DOT_ROWS(q8_0_vectors, q8_0_block)
+
+#else /* plain C: the same summation order (32 lanes, then the same tree) */
+static inline float reduce32(const float *acc) {
+  float s[8], h[4];
+  for (int l = 0; l < 8; ++l) s[l] = (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
+  for (int l = 0; l < 4; ++l) h[l] = s[l] + s[l + 4];
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
+#define DOT_ROWS(VALUES, BLOCK_T)                                                                   \
+  static inline float dot_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t nb) {              \
+    float acc[QK] = {0}, w[QK];                                                                     \
+    for (int64_t i = 0; i < nb; ++i, x += QK) {                                                     \
+      VALUES(row + i, w);                                                                           \
+      for (int l = 0; l < QK; ++l) acc[l] = fmaf(w[l], x[l], acc[l]);                               \
+    }                                                                                               \
+    return reduce32(acc);                                                                           \
+  }                                                                                                 \
+  static inline void dot4_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+                                    int rows, float *y, int64_t y_stride) {                         \
+    for (int r = 0; r < rows; ++r) y[r * y_stride] = dot_##BLOCK_T(row, x + r * n_in, nb);          \
+  }
+DOT_ROWS(q4_1_values, q4_1_block)
+DOT_ROWS(q8_0_values, q8_0_block)
+#endif
+
+/* ---- y[r, n] = sum_k W[n, k] x[r, k] (+ bias[n]) --------------------------------------------- */
+/* W: n_out rows of n_in / 32 blocks. x: rows x n_in, y: rows x n_out, both contiguous. Each
+ * weight row is read once for every 4 input rows. */
+
+#define MATVEC(NAME, BLOCK_T)                                                                       \
+  void NAME(const BLOCK_T *w, const float *x, const float *bias, float *y, int64_t n_out,          \
+            int64_t n_in, int64_t rows, int threads) {                                              \
+    const int64_t nb = n_in / QK;                                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")             \
+    for (int64_t n = 0; n < n_out; ++n) {                                                           \
+      const BLOCK_T *row = w + n * nb;                                                              \
+      if (rows == 1) {                                                                              \
+        y[n] = dot_##BLOCK_T(row, x, nb);                                                           \
+      } else {                                                                                      \
+        for (int64_t r0 = 0; r0 < rows; r0 += 4)                                                    \
+          dot4_##BLOCK_T(row, x + r0 * n_in, n_in, nb, rows - r0 < 4 ? (int)(rows - r0) : 4,        \
+                         y + r0 * n_out + n, n_out);                                                \
+      }                                                                                             \
+      if (bias)                                                                                     \
+        for (int64_t r = 0; r < rows; ++r) y[r * n_out + n] += bias[n];                             \
+    }                                                                                               \
+  }
+MATVEC(pml_q4_1_matvec, q4_1_block)
+MATVEC(pml_q8_0_matvec, q8_0_block)
+
+/* Expand a packed matrix into fp32 (the loader's exactness check, and tests). */
+void pml_q4_1_dequantize(const q4_1_block *w, float *out, int64_t blocks) {
+  for (int64_t i = 0; i < blocks; ++i) q4_1_values(w + i, out + QK * i);
+}
+void pml_q8_0_dequantize(const q8_0_block *w, float *out, int64_t blocks) {
+  for (int64_t i = 0; i < blocks; ++i) q8_0_values(w + i, out + QK * i);
+}
+
+/* ---- single-query attention ------------------------------------------------------------------ */
+/* For every (batch b, key/value head h): G query rows (the query heads of the group) attend to the
+ * head's T cached keys. q, out: [B, KV, G, D] contiguous. k, v: element (b, h, t, d) at
+ * b*s_b + h*s_h + t*s_t + d. mask (optional, additive): element (b, h, g, t) at
+ * b*m_b + h*m_h + g*m_g + t (a stride 0 broadcasts). One pass over K (scores), a softmax, one
+ * pass over V. */
+
+#ifdef PML_AVX2
+static inline __m256 exp256(__m256 x) { /* e^x, |rel error| < 2e-7 over the range softmax uses */
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[t] = exp(s[t] - max), returns the sum */
+static float softmax_numerators(float *s, int64_t T) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < T; ++t) mx = s[t] > mx ? s[t] : mx;
+  float z = 0.f;
+  int64_t t = 0;
+#ifdef PML_AVX2
+  __m256 vz = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
+  for (; t + 8 <= T; t += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    _mm256_storeu_ps(s + t, e);
+    vz = _mm256_add_ps(vz, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vz);
+  for (int l = 0; l < 8; ++l) z += lanes[l];
+#endif
+  for (; t < T; ++t) { s[t] = expf(s[t] - mx); z += s[t]; }
+  return z;
+}
+
+#ifndef GB
+#define GB 1  /* query rows per pass over V (more passes, but each streams whole rows: faster here) */
+#endif
+#ifndef DB
+#define DB 64 /* head dims per pass over V */
+#endif
+
+void pml_decode_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
+                          int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
+                          int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
+                          int64_t m_b, int64_t m_h, int64_t m_g, float scale, int threads) {
+  _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
+    float *s = (float *)malloc(sizeof(float) * G * T);
+    _Pragma("omp for schedule(static)") for (int64_t bh = 0; bh < B * KV; ++bh) {
+      const int64_t b = bh / KV, h = bh % KV;
+      const float *qh = q + bh * G * D, *kh = k + b * k_b + h * k_h, *vh = v + b * v_b + h * v_h;
+      float *oh = out + bh * G * D;
+      int64_t t0 = 0;
+#ifdef PML_AVX2
+      if (D % 8 == 0)
+        for (; t0 + 8 <= T; t0 += 8) /* scores of 8 keys at once: 8 partial vectors, one transpose-add */
+          for (int64_t g = 0; g < G; ++g) {
+            const float *qg = qh + g * D;
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+              const __m256 qv = _mm256_loadu_ps(qg + d);
+              for (int j = 0; j < 8; ++j)
+                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (t0 + j) * k_t + d), acc[j]);
+            }
+            const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+            const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+            const __m256 h03 = _mm256_hadd_ps(h01, h23), h47 = _mm256_hadd_ps(h45, h67);
+            const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h03, h47, 0x20),
+                                             _mm256_permute2f128_ps(h03, h47, 0x31));
+            _mm256_storeu_ps(s + g * T + t0, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+          }
+#endif
+      for (int64_t t = t0; t < T; ++t) { /* the rest (and plain C): one key at a time */
+        const float *kt = kh + t * k_t;
+        for (int64_t g = 0; g < G; ++g) {
+          const float *qg = qh + g * D;
+          float acc = 0.f;
+          for (int64_t d = 0; d < D; ++d) acc += qg[d] * kt[d];
+          s[g * T + t] = acc * scale;
+        }
+      }
+      if (mask)
+        for (int64_t g = 0; g < G; ++g) {
+          const float *mg = mask + b * m_b + h * m_h + g * m_g;
+          for (int64_t t = 0; t < T; ++t) s[g * T + t] += mg[t];
+        }
+      float inv[GB];
+      for (int64_t g0 = 0; g0 < G; g0 += GB) { /* weighted sum of values, GB rows x DB dims a pass */
+        const int64_t gn = G - g0 < GB ? G - g0 : GB;
+        for (int64_t g = 0; g < gn; ++g) inv[g] = 1.f / softmax_numerators(s + (g0 + g) * T, T);
+        for (int64_t d0 = 0; d0 < D; d0 += DB) {
+          const int64_t dn = D - d0 < DB ? D - d0 : DB;
+#ifdef PML_AVX2
+          if (dn == DB) {
+            __m256 acc[GB][DB / 8];
+            for (int64_t g = 0; g < GB; ++g)
+              for (int j = 0; j < DB / 8; ++j) acc[g][j] = _mm256_setzero_ps();
+            for (int64_t t = 0; t < T; ++t) {
+              const float *vt = vh + t * v_t + d0;
+              __m256 vv[DB / 8];
+              for (int j = 0; j < DB / 8; ++j) vv[j] = _mm256_loadu_ps(vt + 8 * j);
+              for (int64_t g = 0; g < gn; ++g) {
+                const __m256 p = _mm256_set1_ps(s[(g0 + g) * T + t]);
+                for (int j = 0; j < DB / 8; ++j) acc[g][j] = _mm256_fmadd_ps(p, vv[j], acc[g][j]);
+              }
+            }
+            for (int64_t g = 0; g < gn; ++g) {
+              const __m256 z = _mm256_set1_ps(inv[g]);
+              for (int j = 0; j < DB / 8; ++j)
+                _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j, _mm256_mul_ps(acc[g][j], z));
+            }
+            continue;
+          }
+#endif
+          for (int64_t g = 0; g < gn; ++g) {
+            float acc[DB] = {0};
+            const float *sg = s + (g0 + g) * T;
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t d = 0; d < dn; ++d) acc[d] += sg[t] * vh[t * v_t + d0 + d];
+            for (int64_t d = 0; d < dn; ++d) oh[(g0 + g) * D + d0 + d] = acc[d] * inv[g];
+          }
+        }
+      }
+    }
+    free(s);
+  }
+}
