@@ -88,7 +88,7 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
                 mask = mask.expand(b, 1, q, t)[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
             else:  # a mask per query head: head kv*G + g becomes rows g*q.. of head kv
                 mask = mask.expand(b, heads, q, t).reshape(b, kv, groups * q, t)
-        if q == 1 and _decode_kernel_fits(rows, key, value, mask):  # one pass over K and V (attention_store.kernels)
+        if groups * q <= kernels.MAX_QUERY_ROWS and _decode_kernel_fits(rows, key, value, mask):  # attention_store.kernels
             out = kernel_ops.decode_attention(rows, key, value, mask, d ** -0.5 if scaling is None else scaling)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)

@@ -26,6 +26,7 @@
 #endif
 
 #define QK 32 /* weights per block, both formats */
+#define MR 8 /* input rows a weight row is expanded once for (8: a packed batch of 8 in one pass) */
 
 typedef struct { float d, m; uint8_t qs[16]; } q4_1_block;  /* qs[j]: weight j low nibble, j+16 high */
 typedef struct { float d; int8_t qs[32]; } q8_0_block;
@@ -85,19 +86,19 @@ static inline void q8_0_vectors(const q8_0_block *b, __m256 *w) {
   }
 }
 
-/* One weight row against up to 4 input rows (x + r * n_in, r < 4; a missing row repeats the last):
+/* One weight row against up to MR input rows (x + r * n_in, r < MR; a missing row repeats the last):
  * each block is expanded once in registers and used for every row. Row r's sum runs in the same
  * order whatever the number of rows. */
 #define DOT_ROWS(VECTORS, BLOCK_T)                                                                  \
-  static inline void dot4_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+  static inline void dotm_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
                                     int rows, float *y, int64_t y_stride) {                         \
-    const float *xr[4];                                                                             \
-    for (int r = 0; r < 4; ++r) xr[r] = x + (r < rows ? r : rows - 1) * n_in;                       \
-    __m256 a[4][4], w[4];                                                                           \
-    for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();       \
+    const float *xr[MR];                                                                            \
+    for (int r = 0; r < MR; ++r) xr[r] = x + (r < rows ? r : rows - 1) * n_in;                      \
+    __m256 a[MR][4], w[4];                                                                          \
+    for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();      \
     for (int64_t i = 0; i < nb; ++i) {                                                              \
       VECTORS(row + i, w);                                                                          \
-      for (int r = 0; r < 4; ++r)                                                                   \
+      for (int r = 0; r < MR; ++r)                                                                  \
         for (int j = 0; j < 4; ++j)                                                                 \
           a[r][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[r] + QK * i + 8 * j), a[r][j]);        \
     }                                                                                               \
@@ -133,7 +134,7 @@ static inline float reduce32(const float *acc) {
     }                                                                                               \
     return reduce32(acc);                                                                           \
   }                                                                                                 \
-  static inline void dot4_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+  static inline void dotm_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
                                     int rows, float *y, int64_t y_stride) {                         \
     for (int r = 0; r < rows; ++r) y[r * y_stride] = dot_##BLOCK_T(row, x + r * n_in, nb);          \
   }
@@ -143,7 +144,7 @@ DOT_ROWS(q8_0_values, q8_0_block)
 
 /* ---- y[r, n] = sum_k W[n, k] x[r, k] (+ bias[n]) --------------------------------------------- */
 /* W: n_out rows of n_in / 32 blocks. x: rows x n_in, y: rows x n_out, both contiguous. Each
- * weight row is read once for every 4 input rows. */
+ * weight row is read (and expanded) once for every MR input rows. */
 
 #define MATVEC(NAME, BLOCK_T)                                                                       \
   void NAME(const BLOCK_T *w, const float *x, const float *bias, float *y, int64_t n_out,          \
@@ -155,8 +156,8 @@ DOT_ROWS(q8_0_values, q8_0_block)
       if (rows == 1) {                                                                              \
         y[n] = dot_##BLOCK_T(row, x, nb);                                                           \
       } else {                                                                                      \
-        for (int64_t r0 = 0; r0 < rows; r0 += 4)                                                    \
-          dot4_##BLOCK_T(row, x + r0 * n_in, n_in, nb, rows - r0 < 4 ? (int)(rows - r0) : 4,        \
+        for (int64_t r0 = 0; r0 < rows; r0 += MR)                                                   \
+          dotm_##BLOCK_T(row, x + r0 * n_in, n_in, nb, rows - r0 < MR ? (int)(rows - r0) : MR,      \
                          y + r0 * n_out + n, n_out);                                                \
       }                                                                                             \
       if (bias)                                                                                     \
@@ -182,8 +183,9 @@ void pml_q8_0_dequantize(const q8_0_block *w, float *out, int64_t blocks) {
  * pass over V. */
 
 #ifdef PML_AVX2
-static inline __m256 exp256(__m256 x) { /* e^x, |rel error| < 2e-7 over the range softmax uses */
+static inline __m256 exp256(__m256 x) { /* e^x, |rel error| < 2e-7 for x in [-87.3, 0] */
   const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
+  const __m256 below = _mm256_cmp_ps(x, lo, _CMP_GE_OQ); /* e^x for x below the range (a masked key): 0 */
   x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -197,24 +199,78 @@ static inline __m256 exp256(__m256 x) { /* e^x, |rel error| < 2e-7 over the rang
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), below);
 }
 #endif
 
-/* s[t] = exp(s[t] - max), returns the sum */
-static float softmax_numerators(float *s, int64_t T) {
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < T; ++t) mx = s[t] > mx ? s[t] : mx;
-  float z = 0.f;
+#ifdef PML_AVX2
+/* The 8 sums of the lanes of acc[0..7], as one vector. */
+static inline __m256 sum8(const __m256 *acc) {
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 h03 = _mm256_hadd_ps(h01, h23), h47 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h03, h47, 0x20), _mm256_permute2f128_ps(h03, h47, 0x31));
+}
+
+/* Query rows per score tile: QK_ROWS x 8 accumulators stay in registers (AVX-512VL has 32). */
+#ifndef QK_ROWS
+#ifdef __AVX512VL__
+#define QK_ROWS 3
+#else
+#define QK_ROWS 1
+#endif
+#endif
+
+/* s[g, t0 .. t0 + 8) = q_g . k_t * scale for rows g0 .. g0 + gn (gn <= QK_ROWS): each key vector
+ * loaded once for the tile's rows. Rows past gn repeat the last one and are not stored. */
+static inline void qk_tile(const float *qh, const float *kh, int64_t k_t, int64_t D, int64_t T, int64_t g0,
+                           int gn, int64_t t0, float scale, float *s) {
+  const float *qr[QK_ROWS];
+  for (int r = 0; r < QK_ROWS; ++r) qr[r] = qh + (g0 + (r < gn ? r : gn - 1)) * D;
+  __m256 acc[QK_ROWS][8];
+  for (int r = 0; r < QK_ROWS; ++r)
+    for (int j = 0; j < 8; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 qv[QK_ROWS];
+    for (int r = 0; r < QK_ROWS; ++r) qv[r] = _mm256_loadu_ps(qr[r] + d);
+    for (int j = 0; j < 8; ++j) {
+      const __m256 kv = _mm256_loadu_ps(kh + (t0 + j) * k_t + d);
+      for (int r = 0; r < QK_ROWS; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], kv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < gn; ++r) _mm256_storeu_ps(s + (g0 + r) * T + t0, _mm256_mul_ps(sum8(acc[r]), _mm256_set1_ps(scale)));
+}
+#endif
+
+/* s[t] = exp(s[t] + mask[t] - max) (mask may be NULL), returns the sum. */
+static float softmax_numerators(float *s, const float *mask, int64_t T) {
+  float mx = -INFINITY, z = 0.f;
   int64_t t = 0;
 #ifdef PML_AVX2
-  __m256 vz = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
+  float lanes[8];
+  __m256 vm = _mm256_set1_ps(-INFINITY);
   for (; t + 8 <= T; t += 8) {
-    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    __m256 x = _mm256_loadu_ps(s + t);
+    if (mask) x = _mm256_add_ps(x, _mm256_loadu_ps(mask + t));
+    _mm256_storeu_ps(s + t, x);
+    vm = _mm256_max_ps(vm, x);
+  }
+  _mm256_storeu_ps(lanes, vm);
+  for (int l = 0; l < 8; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+#endif
+  for (; t < T; ++t) {
+    if (mask) s[t] += mask[t];
+    mx = s[t] > mx ? s[t] : mx;
+  }
+  t = 0;
+#ifdef PML_AVX2
+  __m256 vz = _mm256_setzero_ps();
+  vm = _mm256_set1_ps(mx);
+  for (; t + 8 <= T; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
     _mm256_storeu_ps(s + t, e);
     vz = _mm256_add_ps(vz, e);
   }
-  float lanes[8];
   _mm256_storeu_ps(lanes, vz);
   for (int l = 0; l < 8; ++l) z += lanes[l];
 #endif
@@ -222,12 +278,59 @@ static float softmax_numerators(float *s, int64_t T) {
   return z;
 }
 
-#ifndef GB
-#define GB 1  /* query rows per pass over V (more passes, but each streams whole rows: faster here) */
+/* out[g0 + g, d0 .. d0 + DBK) = sum_t s[g0 + g, t] v[t, d0 ..] * inv[g], g < gn <= GBK: one pass over
+ * those columns of V for GBK query rows. Few rows per head (a plain decode step): one row, whole
+ * rows of V (measured faster here than sharing a pass); more (a packed batch): PVR rows x PVD dims. */
+#ifdef PML_AVX2
+#define PV_BLOCK(GBK, DBK)                                                                          \
+  static void pv_##GBK##x##DBK(const float *s, int64_t T, const float *vh, int64_t v_t, float *oh, \
+                               int64_t D, int64_t g0, int64_t gn, int64_t d0, const float *inv) {   \
+    __m256 acc[GBK][DBK / 8];                                                                       \
+    for (int g = 0; g < GBK; ++g)                                                                   \
+      for (int j = 0; j < DBK / 8; ++j) acc[g][j] = _mm256_setzero_ps();                            \
+    for (int64_t t = 0; t < T; ++t) {                                                               \
+      const float *vt = vh + t * v_t + d0;                                                          \
+      __m256 vv[DBK / 8];                                                                           \
+      for (int j = 0; j < DBK / 8; ++j) vv[j] = _mm256_loadu_ps(vt + 8 * j);                        \
+      for (int64_t g = 0; g < gn; ++g) {                                                            \
+        const __m256 p = _mm256_set1_ps(s[(g0 + g) * T + t]);                                       \
+        for (int j = 0; j < DBK / 8; ++j) acc[g][j] = _mm256_fmadd_ps(p, vv[j], acc[g][j]);         \
+      }                                                                                             \
+    }                                                                                               \
+    for (int64_t g = 0; g < gn; ++g) {                                                              \
+      const __m256 z = _mm256_set1_ps(inv[g]);                                                      \
+      for (int j = 0; j < DBK / 8; ++j)                                                             \
+        _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j, _mm256_mul_ps(acc[g][j], z));              \
+    }                                                                                               \
+  }
 #endif
-#ifndef DB
-#define DB 64 /* head dims per pass over V */
+#ifndef PVR
+#ifdef __AVX512VL__ /* 24 accumulators: needs the 32 vector registers of AVX-512VL */
+#define PVR 6
+#define PVD 32
+#else
+#define PVR 4
+#define PVD 16
 #endif
+#endif
+#ifdef PML_AVX2
+#define PV_MANY_(R, D) PV_BLOCK(R, D)
+#define PV_NAME_(R, D) pv_##R##x##D
+#define PV_NAME(R, D) PV_NAME_(R, D)
+PV_BLOCK(1, 64)
+PV_MANY_(PVR, PVD)
+#endif
+
+static void pv_plain(const float *s, int64_t T, const float *vh, int64_t v_t, float *oh, int64_t D,
+                     int64_t g0, int64_t gn, int64_t d0, int64_t dn, const float *inv) {
+  for (int64_t g = 0; g < gn; ++g) {
+    float acc[64] = {0};
+    const float *sg = s + (g0 + g) * T;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < dn; ++d) acc[d] += sg[t] * vh[t * v_t + d0 + d];
+    for (int64_t d = 0; d < dn; ++d) oh[(g0 + g) * D + d0 + d] = acc[d] * inv[g];
+  }
+}
 
 void pml_decode_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                           int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
@@ -242,23 +345,9 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
       int64_t t0 = 0;
 #ifdef PML_AVX2
       if (D % 8 == 0)
-        for (; t0 + 8 <= T; t0 += 8) /* scores of 8 keys at once: 8 partial vectors, one transpose-add */
-          for (int64_t g = 0; g < G; ++g) {
-            const float *qg = qh + g * D;
-            __m256 acc[8];
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < D; d += 8) {
-              const __m256 qv = _mm256_loadu_ps(qg + d);
-              for (int j = 0; j < 8; ++j)
-                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (t0 + j) * k_t + d), acc[j]);
-            }
-            const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-            const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-            const __m256 h03 = _mm256_hadd_ps(h01, h23), h47 = _mm256_hadd_ps(h45, h67);
-            const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(h03, h47, 0x20),
-                                             _mm256_permute2f128_ps(h03, h47, 0x31));
-            _mm256_storeu_ps(s + g * T + t0, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
-          }
+        for (; t0 + 8 <= T; t0 += 8) /* 8 keys at a time, read once for every query row */
+          for (int64_t g0 = 0; g0 < G; g0 += QK_ROWS)
+            qk_tile(qh, kh, k_t, D, T, g0, G - g0 < QK_ROWS ? (int)(G - g0) : QK_ROWS, t0, scale, s);
 #endif
       for (int64_t t = t0; t < T; ++t) { /* the rest (and plain C): one key at a time */
         const float *kt = kh + t * k_t;
@@ -269,46 +358,21 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
           s[g * T + t] = acc * scale;
         }
       }
-      if (mask)
-        for (int64_t g = 0; g < G; ++g) {
-          const float *mg = mask + b * m_b + h * m_h + g * m_g;
-          for (int64_t t = 0; t < T; ++t) s[g * T + t] += mg[t];
-        }
-      float inv[GB];
-      for (int64_t g0 = 0; g0 < G; g0 += GB) { /* weighted sum of values, GB rows x DB dims a pass */
-        const int64_t gn = G - g0 < GB ? G - g0 : GB;
-        for (int64_t g = 0; g < gn; ++g) inv[g] = 1.f / softmax_numerators(s + (g0 + g) * T, T);
-        for (int64_t d0 = 0; d0 < D; d0 += DB) {
-          const int64_t dn = D - d0 < DB ? D - d0 : DB;
+      const int64_t gb = G >= 4 ? PVR : 1, db = G >= 4 ? PVD : 64;
+      float inv[PVR > 1 ? PVR : 1];
+      for (int64_t g0 = 0; g0 < G; g0 += gb) {
+        const int64_t gn = G - g0 < gb ? G - g0 : gb;
+        for (int64_t g = 0; g < gn; ++g)
+          inv[g] = 1.f / softmax_numerators(s + (g0 + g) * T, mask ? mask + b * m_b + h * m_h + (g0 + g) * m_g : NULL, T);
+        for (int64_t d0 = 0; d0 < D; d0 += db) {
+          const int64_t dn = D - d0 < db ? D - d0 : db;
 #ifdef PML_AVX2
-          if (dn == DB) {
-            __m256 acc[GB][DB / 8];
-            for (int64_t g = 0; g < GB; ++g)
-              for (int j = 0; j < DB / 8; ++j) acc[g][j] = _mm256_setzero_ps();
-            for (int64_t t = 0; t < T; ++t) {
-              const float *vt = vh + t * v_t + d0;
-              __m256 vv[DB / 8];
-              for (int j = 0; j < DB / 8; ++j) vv[j] = _mm256_loadu_ps(vt + 8 * j);
-              for (int64_t g = 0; g < gn; ++g) {
-                const __m256 p = _mm256_set1_ps(s[(g0 + g) * T + t]);
-                for (int j = 0; j < DB / 8; ++j) acc[g][j] = _mm256_fmadd_ps(p, vv[j], acc[g][j]);
-              }
-            }
-            for (int64_t g = 0; g < gn; ++g) {
-              const __m256 z = _mm256_set1_ps(inv[g]);
-              for (int j = 0; j < DB / 8; ++j)
-                _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j, _mm256_mul_ps(acc[g][j], z));
-            }
+          if (dn == db) {
+            (gb > 1 ? PV_NAME(PVR, PVD) : pv_1x64)(s, T, vh, v_t, oh, D, g0, gn, d0, inv);
             continue;
           }
 #endif
-          for (int64_t g = 0; g < gn; ++g) {
-            float acc[DB] = {0};
-            const float *sg = s + (g0 + g) * T;
-            for (int64_t t = 0; t < T; ++t)
-              for (int64_t d = 0; d < dn; ++d) acc[d] += sg[t] * vh[t * v_t + d0 + d];
-            for (int64_t d = 0; d < dn; ++d) oh[(g0 + g) * D + d0 + d] = acc[d] * inv[g];
-          }
+          pv_plain(s, T, vh, v_t, oh, D, g0, gn, d0, dn, inv);
         }
       }
     }

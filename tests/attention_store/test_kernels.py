@@ -1,0 +1,184 @@
+"""The C decode kernels against torch: block layouts, matvecs, decode attention, packed layers, modes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attention_store import kernels
+from attention_store.kernels import ops, packed
+
+# Where a C compiler exists (as on CI) the kernels must build: a broken source fails here, not skips.
+pytestmark = pytest.mark.skipif(kernels.library() is None and kernels._compiler() is None,
+                                reason=f"C kernels not available: {kernels.status()}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def gguf_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random blocks in the GGUF file's layout, `[rows, cols / 32 * bytes]` uint8."""
+    rng = np.random.default_rng(seed)
+    nb = cols // 32
+    if fmt == "q4_1":
+        scales = rng.normal(0, 0.02, (rows, nb, 2)).astype(np.float16).view(np.uint8).reshape(rows, nb, 4)
+        quants = rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)
+    else:
+        scales = rng.normal(0, 0.02, (rows, nb, 1)).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+        quants = rng.integers(-128, 128, (rows, nb, 32), dtype=np.int8).view(np.uint8)
+    return np.concatenate([scales, quants], axis=-1).reshape(rows, -1)
+
+
+def test_the_kernels_build_where_a_compiler_exists():
+    assert kernels.library() is not None, kernels.status()
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_blocks_expand_exactly_as_gguf_py_dequantizes(fmt):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = gguf_blocks(fmt, 24, 96)
+    want = dequantize(raw, GGMLQuantizationType[fmt.upper()]).astype(np.float32)
+    got = ops.dequantize(fmt, packed.repack(fmt, raw))
+    assert torch.equal(got, torch.from_numpy(want))  # bitwise: the same fp32 weights the converted model holds
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_matvec_equals_linear_and_each_row_is_the_same_alone_or_batched(fmt):
+    blocks = packed.repack(fmt, gguf_blocks(fmt, 40, 128, seed=1))
+    weight, bias = ops.dequantize(fmt, blocks), torch.randn(40)
+    x = torch.randn(7, 128)  # 7 rows: one group of 4 and one of 3
+    y = ops.matvec(fmt, blocks, x, 40, bias)
+    torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    for r in range(7):  # summation order does not depend on the batch: bitwise equal
+        assert torch.equal(ops.matvec(fmt, blocks, x[r:r + 1], 40, bias), y[r:r + 1])
+    assert ops.matvec(fmt, blocks, x.reshape(7, 1, 128), 40).shape == (7, 1, 40)
+
+
+def test_matvec_is_the_same_for_any_thread_count():
+    blocks = packed.repack("q4_1", gguf_blocks("q4_1", 64, 64, seed=2))
+    x = torch.randn(3, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.matvec("q4_1", blocks, x, 64)
+        torch.set_num_threads(2)
+        two = ops.matvec("q4_1", blocks, x, 64)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("d,t", [(64, 45), (16, 8), (20, 13)])  # AVX2 paths, and the plain-C rest (D % 8 != 0)
+@pytest.mark.parametrize("mask_kind", [None, "shared", "per_head"])
+def test_decode_attention_equals_sdpa(d, t, mask_kind):
+    b, kv, g = 2, 2, 3
+    # Keys and values as the cache holds them: views of buffers with room beyond the filled length.
+    key = torch.randn(b, kv, t + 7, d)[:, :, :t]
+    value = torch.randn(b, kv, t + 7, d)[:, :, :t]
+    rows = torch.randn(b, kv, g, d)
+    mask = None
+    if mask_kind is not None:
+        shape = (1, 1, g, t) if mask_kind == "shared" else (b, kv, g, t)
+        hidden = torch.rand(shape) < 0.3
+        hidden[..., 0] = False  # every row sees at least one key
+        mask = torch.zeros(shape).masked_fill_(hidden, torch.finfo(torch.float32).min)
+    got = ops.decode_attention(rows, key, value, mask, 0.3)
+    want = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _packed_copy(linear: torch.nn.Linear, fmt: str, seed: int) -> torch.Tensor:
+    """Give `linear` the weights of random blocks; returns the blocks."""
+    blocks = packed.repack(fmt, gguf_blocks(fmt, linear.out_features, linear.in_features, seed))
+    with torch.no_grad():
+        linear.weight.copy_(ops.dequantize(fmt, blocks))
+    return blocks
+
+
+def test_packed_layers_decode_like_the_plain_model_and_prefill_unchanged(tiny):
+    lm = tiny("llama-gqa")
+    model = lm.model
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and m.in_features % 32 == 0}
+    assert linears, "the tiny model should have linear layers with 32-multiple inputs"
+    blocks = {n: ("q4_1" if i % 2 else "q8_0", _packed_copy(m, "q4_1" if i % 2 else "q8_0", i))
+              for i, (n, m) in enumerate(linears.items())}
+    keys = set(model.state_dict())
+    ids = torch.tensor([[3, 17, 42, 8, 99]])
+    with torch.no_grad():
+        plain_prefill = model(ids).logits
+        plain_step = model(ids[:, :1]).logits
+    assert sorted(packed.install(model, blocks)) == sorted(linears)
+    assert all(isinstance(m, packed.PackedLinear) for n, m in model.named_modules() if n in linears)
+    assert set(model.state_dict()) == keys  # same names: the blocks are not part of the state dict
+    with torch.no_grad():
+        # 5 rows: still the packed path (<= MAX_ROWS); the same values up to summation order.
+        torch.testing.assert_close(model(ids).logits, plain_prefill, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids[:, :1]).logits, plain_step, rtol=1e-4, atol=1e-4)
+        long_ids = torch.randint(0, 100, (1, packed.MAX_ROWS + 1))
+        with kernels.disabled():
+            want = model(long_ids).logits
+        assert torch.equal(model(long_ids).logits, want)  # more rows than MAX_ROWS: F.linear, bitwise as before
+
+
+def test_install_refuses_blocks_that_do_not_expand_to_the_weight(tiny, caplog):
+    model = tiny("llama").model
+    name, linear = next((n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m.in_features % 32 == 0)
+    blocks = _packed_copy(linear, "q4_1", 5)
+    with torch.no_grad():
+        linear.weight[0, 0] += 1e-3  # one weight off: the blocks no longer are this layer
+    with caplog.at_level(logging.WARNING):
+        assert packed.install(model, {name: ("q4_1", blocks)}) == []
+    assert type(dict(model.named_modules())[name]) is torch.nn.Linear
+    assert "do not expand to its weight" in caplog.text
+
+
+def test_disabled_turns_the_kernels_off_in_this_thread_only():
+    assert kernels.active() and kernels.status() == "c"
+    with kernels.disabled():
+        assert not kernels.active() and kernels.status() == "torch (disabled)"
+    assert kernels.active()
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader as in a new process, with an empty cache folder."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_why_not", None)
+    monkeypatch.setenv("PML_CACHE_HOME", str(tmp_path))
+    return kernels
+
+
+def test_without_a_compiler_auto_falls_back_with_a_warning_and_on_is_an_error(fresh_loader, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setattr(fresh_loader.shutil, "which", lambda name: "/bin/false")
+    monkeypatch.setenv("PML_KERNELS", "auto")
+    with caplog.at_level(logging.WARNING):
+        assert fresh_loader.library() is None
+    assert "could not build the C kernels" in caplog.text and not fresh_loader.active()
+    assert fresh_loader.status().startswith("torch (could not build")
+    monkeypatch.setattr(kernels, "_why_not", None)
+    monkeypatch.setenv("PML_KERNELS", "on")
+    with pytest.raises(kernels.KernelError, match="PML_KERNELS=on"):
+        fresh_loader.library()
+
+
+def test_kernels_off_and_bad_values(fresh_loader, monkeypatch):
+    monkeypatch.setenv("PML_KERNELS", "off")
+    assert fresh_loader.library() is None and fresh_loader.status() == "torch (PML_KERNELS=off)"
+    monkeypatch.setenv("PML_KERNELS", "fast")
+    with pytest.raises(ValueError, match="PML_KERNELS must be one of auto, on, off"):
+        fresh_loader.mode()
+
+
+def test_the_library_is_built_once_into_the_cache_folder(fresh_loader, tmp_path):
+    assert fresh_loader.library() is not None
+    built = list((tmp_path / "kernels").glob("pml_kernels-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob(".*tmp"))
