@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from prompt_cache import generation
+    from attention_store import kernels
     from attention_store.store import open_store
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
@@ -153,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
                           f"prompt (question + chat affixes): {fresh}; prompt tokens: {items.rows['memory-r0']['prompt_tokens']} "
                           f"({items.rows['memory-r0']['cached_tokens']} from the store)\n"
                           f"- schema encoding (once, not timed in TTFT): {encode_ms:.0f} ms, {report.bytes / 2**20:.1f} MiB stored\n"
-                          f"- torch threads: {torch.get_num_threads()}; repeats: {max(3, args.repeats)}, modes interleaved, "
+                          f"- torch threads: {torch.get_num_threads()}; decode kernels: {kernels.status()}; "
+                          f"repeats: {max(3, args.repeats)}, modes interleaved, "
                           "order rotated per repeat\n"
                           f"- competing processes: {args.contention} (PyTorch matmuls at torch's default thread count; "
                           f"{competing} still running at the end)\n"

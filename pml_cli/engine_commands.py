@@ -437,7 +437,10 @@ def cmd_run(args) -> int:
     on_text = _print_piece if args.stream and not args.json else None
     result = pc.answer(read_pml(args.prompt, Prompt), use_cache=not args.no_cache, config=config, on_text=on_text)
     if args.json:
-        print(json.dumps({**result.to_json(), "threads": args.threads_used, "load_ms": round(args.load_ms, 1)}))
+        from attention_store import kernels
+
+        print(json.dumps({**result.to_json(), "threads": args.threads_used, "load_ms": round(args.load_ms, 1),
+                          "kernels": kernels.status()}))
         return 0
     print("" if args.stream else result.text)
     u, t = result.usage, result.timing

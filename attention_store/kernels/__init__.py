@@ -62,13 +62,13 @@ _local = threading.local()  # .off: disabled() in this thread
 
 
 class KernelError(RuntimeError):
-    """`PML_KERNELS=on` but the kernels cannot be built or loaded."""
+    """`PML_KERNELS` is not a mode, or is `on` and the kernels cannot be built or loaded."""
 
 
 def mode() -> str:
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in MODES:
-        raise ValueError(f"{ENV} must be one of {', '.join(MODES)}, not {value!r}")
+        raise KernelError(f"{ENV} must be one of {', '.join(MODES)}, not {value!r}")
     return value
 
 
