@@ -70,6 +70,9 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
     the cache), so each key/value head is read once per forward, which is what bounds a decode
     step at 4,000 tokens. Each query row still attends to exactly the keys it did, with the same
     scale: the output is the same (tests compare logits with transformers' sdpa).
+    Up to `kernels.MAX_QUERY_ROWS` rows per head (decode steps, packed batch steps, speculative
+    checks) go to the C kernel `kernels.ops.decode_attention` when it is in use: one pass over K
+    and V for all rows of a head, faster than SDPA's CPU kernels there.
     Anything else (no groups, causal without a mask, extra arguments, other devices) goes to
     transformers'.
     """

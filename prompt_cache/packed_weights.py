@@ -78,24 +78,19 @@ def gguf_blocks(model: torch.nn.Module, gguf_path: Path) -> dict[str, tuple[str,
 
 def _load_saved(path: Path) -> dict[str, tuple[str, torch.Tensor]] | None:
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     try:
-        data = path.read_bytes()
-        tensors = load(data)
-        formats = json.loads(_metadata(data)["formats"])
+        with path.open("rb") as fh:  # the header alone, for the formats
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        formats = json.loads(header["__metadata__"]["formats"])
+        tensors = load_file(path)  # one copy into memory (no bytes object beside it)
         return {name: (formats[name], blocks) for name, blocks in tensors.items()}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         log.warning("ignoring damaged packed weights %s (%s); rebuilding them", path, e)
         return None
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file's bytes."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
 
 
 def attach(model: torch.nn.Module, gguf_path: Path, model_dir: Path | None = None, fingerprint: str = "") -> list[str]:

@@ -67,6 +67,14 @@ class PackedLinear(torch.nn.Linear):
         return f"{super().extra_repr()}, packed={self.fmt}"
 
 
+def expands_to(fmt: str, blocks: torch.Tensor, weight: torch.Tensor, rows: int = 4096) -> bool:
+    """Whether `blocks` expand bitwise to `weight`, checked `rows` rows at a time (no full fp32 copy)."""
+    if blocks.shape[:2] != (weight.shape[0], weight.shape[1] // kernels.BLOCK_WEIGHTS):
+        return False
+    return all(torch.equal(ops.dequantize(fmt, blocks[r:r + rows]), weight[r:r + rows])
+               for r in range(0, weight.shape[0], rows))
+
+
 def install(model: torch.nn.Module, packed: dict[str, tuple[str, torch.Tensor]]) -> list[str]:
     """Replace `model`'s linear layers named in `packed` (`name -> (fmt, blocks)`) by `PackedLinear`s.
 
@@ -83,7 +91,7 @@ def install(model: torch.nn.Module, packed: dict[str, tuple[str, torch.Tensor]])
         if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu":
             log.warning("not packing %s: not an fp32 CPU nn.Linear", name)
             continue
-        if linear.in_features % kernels.BLOCK_WEIGHTS or not torch.equal(ops.dequantize(fmt, blocks), linear.weight.detach()):
+        if linear.in_features % kernels.BLOCK_WEIGHTS or not expands_to(fmt, blocks, linear.weight.detach()):
             log.warning("not packing %s: its %s blocks do not expand to its weight", name, fmt)
             continue
         parent_name, _, child = name.rpartition(".")
