@@ -8,6 +8,10 @@ SDPA's math backend and `torch.compile` of the eager form. With `--cpp`, a hand-
 prototype (one pass over K, a softmax, one pass over V), compiled with
 `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja; not part of the library).
 Then the weight matmuls of a step: the projections one by one against QKV and gate/up fused.
+Then this library's C kernels (`attention_store.kernels`, when they build): `decode_attention`
+for the 3 rows of a decode step and the 24 of a packed batch of 8 beside flash SDPA, and the 211
+packed-weight products of a smollm2-135m step for 1 and 8 input rows beside `F.linear` on the
+fp32 weights (loads the model).
 
     python scripts/probes/decode_kernels.py [--cpp]
 """
@@ -117,6 +121,34 @@ def main() -> None:
     print(f"  {'projections one by one (30 layers)':48s} {_setup.median_ms(lambda: run(sep), 7):6.1f}")
     print(f"  {'QKV and gate/up fused (30 layers)':48s} {_setup.median_ms(lambda: run(fused), 7):6.1f}")
     print(f"  {'LM head (tied embedding, 49,152 x 576)':48s} {_setup.median_ms(lambda: F.linear(x, head), 7):6.1f}")
+    library_kernels(ks, vs)
+
+
+def library_kernels(ks, vs) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from attention_store import kernels
+    from attention_store.kernels import ops
+    from attention_store.kernels.packed import PackedLinear
+    from prompt_cache.models import load_model
+
+    if not kernels.active():
+        print(f"library kernels: {kernels.status()}")
+        return
+    print("attention, this library's C kernel against flash SDPA, ms per step (30 layers):")
+    for rows in (G, 8 * G):
+        q = torch.randn(1, KV, rows, D)
+        c = _setup.median_ms(lambda: [ops.decode_attention(q, k, v, None, 0.125) for k, v in zip(ks, vs)], 7)
+        f = _setup.median_ms(lambda: [F.scaled_dot_product_attention(q, k, v, scale=0.125) for k, v in zip(ks, vs)], 7)
+        print(f"  {rows:2d} query rows per K/V head: C {c:6.1f}   SDPA {f:6.1f}")
+    layers = [m for m in load_model("smollm2-135m").model.modules() if isinstance(m, PackedLinear)]
+    print(f"weight products of one step ({len(layers)} layers), ms:")
+    for rows in (1, 8):
+        xs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
+        packed = _setup.median_ms(lambda: [ops.matvec(m.fmt, m.blocks, xs[m.in_features], m.out_features) for m in layers], 7)
+        dense = _setup.median_ms(lambda: [F.linear(xs[m.in_features], m.weight) for m in layers], 7)
+        print(f"  {rows} input row(s): packed blocks {packed:6.1f}   F.linear on fp32 {dense:6.1f}")
 
 
 if __name__ == "__main__":
