@@ -60,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from prompt_cache import generation
     from attention_store import kernels
     from attention_store.store import open_store
+    from prompt_cache import generation
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
 

@@ -73,6 +73,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_serve(args) -> int:
+    from attention_store.kernels import KernelError
     from attention_store.store import StoreMismatch
     from pml.errors import PMLError
     from prompt_cache.prefix import PrefixConfig
@@ -97,7 +98,7 @@ def cmd_serve(args) -> int:
             prefix=PrefixConfig(block_size=args.block_size, min_prefix=args.min_prefix, granularity=args.granularity),
             limits=Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_completion_tokens))
         worker = build_worker(config)
-    except (ValueError, KeyError, OSError, StoreMismatch) as e:
+    except (ValueError, KeyError, OSError, StoreMismatch, KernelError) as e:
         return _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
     except PMLError as e:
         return _fail(str(e))

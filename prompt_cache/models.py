@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from attention_store import adapter
+from attention_store import adapter, kernels
 from attention_store.fileio import atomic_write
 from attention_store.paths import cache_dir
 from prompt_cache import DEFAULT_MODEL
@@ -413,6 +413,7 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device, device_map)
+    kernels.mode()  # a bad PML_KERNELS fails here, before any loading (not in the first forward)
     name = str(name_or_path)
     if name.startswith("tiny:"):
         from prompt_cache.tiny import TINY_ARCHS, tiny_model

@@ -1,9 +1,10 @@
 """The GGUF blocks behind a converted built-in model's linear layers, for `attention_store.kernels.packed`.
 
 A built-in model is converted once from its GGUF file to fp32 safetensors (`prompt_cache.models`).
-At load, the Q4_1 and Q8_0 matrices of that same file are read again (memory-mapped, about a
-second for smollm2-135m) and handed to `packed.install`, which uses a matrix only if its blocks
-expand bitwise to the loaded weight. Tensor names map through gguf-py's own HF -> GGUF name table;
+At its first load after that, the Q4_1 and Q8_0 matrices of the same file are read again (gguf-py
+parses the whole file's metadata first: together about 5 s for smollm2-135m, once) and kept beside
+the converted model; every load hands them to `packed.install`, which uses a matrix only if its
+blocks expand bitwise to the loaded weight. Tensor names map through gguf-py's own HF -> GGUF name table;
 rows that transformers permuted while converting (Llama's query and key projections, stored by
 llama.cpp in an interleaved rotary order) are matched back by content. A tied LM head uses the
 embedding's blocks. Other formats (Q4_K, Q6_K, ... as in Gemma-3-270M's file) are left to torch.
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from attention_store.fileio import atomic_write
-from attention_store.kernels import ops
+from attention_store.kernels import BLOCK_WEIGHTS, ops
 from attention_store.kernels import packed as packed_linear
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ FORMATS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}  # GGUF tensor type -> the kernels' f
 
 def _row_order(weight: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor | None:
     """Indices `order` with `expanded[order]` equal to `weight` row for row, or None if some row has no match."""
-    if torch.equal(weight, expanded):
-        return torch.arange(weight.shape[0])
     where: dict[bytes, int] = {}
     for i, row in enumerate(expanded.numpy()):
         where.setdefault(row.tobytes(), i)
@@ -64,15 +63,17 @@ def gguf_blocks(model: torch.nn.Module, gguf_path: Path) -> dict[str, tuple[str,
         fmt = FORMATS[tensor.tensor_type.name]
         blocks = packed_linear.repack(fmt, np.asarray(tensor.data))
         weight = module.weight.detach()
-        if blocks.shape[0] != weight.shape[0] or blocks.shape[1] * 32 != weight.shape[1]:
+        if blocks.shape[0] != weight.shape[0] or blocks.shape[1] * BLOCK_WEIGHTS != weight.shape[1]:
             log.info("not packing %s: GGUF %s is %s, the layer %s", name, tensor.name, tuple(tensor.shape),
                      tuple(weight.shape))
             continue
-        order = _row_order(weight, ops.dequantize(fmt, blocks))
-        if order is None:
-            log.info("not packing %s: the rows of GGUF %s do not match its weight", name, tensor.name)
-            continue
-        out[name] = (fmt, blocks[order].contiguous())
+        if not packed_linear.expands_to(fmt, blocks, weight):  # rows permuted while converting?
+            order = _row_order(weight, ops.dequantize(fmt, blocks))
+            if order is None:
+                log.info("not packing %s: the rows of GGUF %s do not match its weight", name, tensor.name)
+                continue
+            blocks = blocks[order].contiguous()
+        out[name] = (fmt, blocks)
     return out
 
 

@@ -2,14 +2,14 @@
 
 A decode step of smollm2-135m at 4,000 tokens of context spends its time reading memory: 537 MB of
 fp32 weights through torch's matmul and 184 MB of cached keys and values through SDPA, whose CPU
-kernels run at about half the speed of a plain read for one query row (`scripts/probes/
-decode_kernels.py`). `pml_kernels.c` does both with fewer bytes or fewer passes:
+kernels took 2.5-4x as long as a plain read of K and V for the 3 query rows of a step
+(`scripts/probes/decode_kernels.py`). `pml_kernels.c` does both with fewer bytes or fewer passes:
 
 - `matvec`: y = W x for a few input rows, W held in the GGUF block format the weights came from
   (Q4_1: 0.75 bytes a weight as stored here, Q8_0: 1.125, against 4 in fp32). The values are
   exactly the fp32 weights (`attention_store.kernels.packed` checks every row at load);
-- `decode_attention`: one query row per head over a preallocated cache, one pass over K and one
-  over V for all query heads of a group.
+- `decode_attention`: up to `MAX_QUERY_ROWS` query rows per key/value head over a preallocated
+  cache: tiles of rows share each pass over K and over V.
 
 Results equal torch's up to the order of summation (a few 1e-7 relative, as between two BLAS
 libraries); tests compare them.
@@ -49,9 +49,10 @@ SOURCE = Path(__file__).with_name("pml_kernels.c")
 ABI = 3  # pml_kernels_abi() of the source this loader speaks to
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BLOCK_WEIGHTS = 32  # weights per block in Q4_1 and Q8_0
-# Query rows per key/value head up to which `decode_attention` beats SDPA here (a decode step: the
-# G heads of a group; a packed batch of 8 prompts: 24 rows, 41 against 54-59 ms a step; at 48
-# rows, 115 against 109 ms: its score rows no longer stay in cache).
+# Query rows per key/value head up to which `decode_attention` runs instead of SDPA: a decode step
+# (the 3 heads of a group) and a packed batch of 8 prompts (24 rows) gain, 48 rows are even and the
+# 117 of a 39-token prefill lose (the score rows no longer stay in cache);
+# `python scripts/probes/decode_kernels.py` times 3, 24, 48 and 117 rows (docs/RESULTS.md).
 MAX_QUERY_ROWS = 32
 BLOCK_BYTES = {"q4_1": 24, "q8_0": 36}  # a block as laid out here (fp32 scales); checked against the library
 

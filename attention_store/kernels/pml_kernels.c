@@ -17,9 +17,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PML_AVX2 1
@@ -66,14 +63,6 @@ static inline float hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_cvtss_f32(h);
 }
 
-#ifndef NA
-#define NA 4 /* accumulators per row (2 measured no faster for 8 rows and slower for 1) */
-#endif
-static inline float reduce_acc(const __m256 *a) {
-  const __m256 z = _mm256_setzero_ps();
-  return NA == 4 ? hsum4(a[0], a[1], a[2 % NA], a[3 % NA]) : hsum4(a[0], a[1 % NA], z, z);
-}
-
 /* 32 weights of a Q4_1 block as four vectors of 8 (weights 0-7, 8-15, 16-23, 24-31). */
 static inline void q4_1_vectors(const q4_1_block *b, __m256 *w) {
   const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
@@ -102,25 +91,25 @@ static inline void q8_0_vectors(const q8_0_block *b, __m256 *w) {
                                     int rows, float *y, int64_t y_stride) {                         \
     const float *xr[MR];                                                                            \
     for (int r = 0; r < MR; ++r) xr[r] = x + (r < rows ? r : rows - 1) * n_in;                      \
-    __m256 a[MR][NA], w[4];                                                                         \
+    __m256 a[MR][4], w[4];                                                                          \
     for (int r = 0; r < MR; ++r)                                                                    \
-      for (int j = 0; j < NA; ++j) a[r][j] = _mm256_setzero_ps();                                   \
+      for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();                                    \
     for (int64_t i = 0; i < nb; ++i) {                                                              \
       VECTORS(row + i, w);                                                                          \
       for (int r = 0; r < MR; ++r)                                                                  \
         for (int j = 0; j < 4; ++j)                                                                 \
-          a[r][j % NA] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[r] + QK * i + 8 * j), a[r][j % NA]); \
+          a[r][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[r] + QK * i + 8 * j), a[r][j]);        \
     }                                                                                               \
-    for (int r = 0; r < rows; ++r) y[r * y_stride] = reduce_acc(a[r]);                              \
+    for (int r = 0; r < rows; ++r) y[r * y_stride] = hsum4(a[r][0], a[r][1], a[r][2], a[r][3]);     \
   }                                                                                                 \
   static inline float dot_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t nb) {              \
-    __m256 a[NA], w[4];                                                                             \
-    for (int j = 0; j < NA; ++j) a[j] = _mm256_setzero_ps();                                        \
+    __m256 a[4], w[4];                                                                              \
+    for (int j = 0; j < 4; ++j) a[j] = _mm256_setzero_ps();                                         \
     for (int64_t i = 0; i < nb; ++i, x += QK) {                                                     \
       VECTORS(row + i, w);                                                                          \
-      for (int j = 0; j < 4; ++j) a[j % NA] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + 8 * j), a[j % NA]); \
+      for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + 8 * j), a[j]);   \
     }                                                                                               \
-    return reduce_acc(a);                                                                           \
+    return hsum4(a[0], a[1], a[2], a[3]);                                                           \
   }
 DOT_ROWS(q4_1_vectors, q4_1_block)
 DOT_ROWS(q8_0_vectors, q8_0_block)
@@ -220,12 +209,10 @@ static inline __m256 sum8(const __m256 *acc) {
 }
 
 /* Query rows per score tile: QK_ROWS x 8 accumulators stay in registers (AVX-512VL has 32). */
-#ifndef QK_ROWS
 #ifdef __AVX512VL__
 #define QK_ROWS 3
 #else
 #define QK_ROWS 1
-#endif
 #endif
 
 /* s[g, t0 .. t0 + 8) = q_g . k_t * scale for rows g0 .. g0 + gn (gn <= QK_ROWS): each key vector
@@ -311,14 +298,12 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
     }                                                                                               \
   }
 #endif
-#ifndef PVR
 #ifdef __AVX512VL__ /* 24 accumulators: needs the 32 vector registers of AVX-512VL */
 #define PVR 6
 #define PVD 32
 #else
 #define PVR 4
 #define PVD 16
-#endif
 #endif
 #ifdef PML_AVX2
 #define PV_MANY_(R, D) PV_BLOCK(R, D)

@@ -178,6 +178,31 @@ def test_kernels_off_and_bad_values(fresh_loader, monkeypatch):
         fresh_loader.mode()
 
 
+def test_the_plain_c_path_equals_torch(tmp_path, monkeypatch):
+    """The source built without -march (no AVX2 on x86-64's baseline): the path CPUs without it take."""
+    import ctypes
+    import subprocess
+
+    out = tmp_path / "plain.so"
+    flags = [f for f in kernels.FLAGS if not f.startswith("-march")]
+    subprocess.run([kernels._compiler(), *flags, str(kernels.SOURCE), "-o", str(out), "-lm"], check=True)
+    lib = ctypes.CDLL(str(out))
+    kernels._declare(lib)
+    monkeypatch.setattr(kernels, "_lib", lib)
+    assert lib.pml_kernels_simd() == 0 or kernels.platform.machine() not in ("x86_64", "AMD64")
+    for fmt in ("q4_1", "q8_0"):
+        blocks = packed.repack(fmt, gguf_blocks(fmt, 12, 64, seed=3))
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(ops.matvec(fmt, blocks, x, 12), F.linear(x, ops.dequantize(fmt, blocks)),
+                                   rtol=1e-5, atol=1e-5)
+    key, value, rows = torch.randn(1, 2, 21, 16), torch.randn(1, 2, 21, 16), torch.randn(1, 2, 5, 16)
+    mask = torch.zeros(1, 1, 5, 21)
+    mask[..., 3] = torch.finfo(torch.float32).min
+    torch.testing.assert_close(ops.decode_attention(rows, key, value, mask, 0.25),
+                               F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_the_library_is_built_once_into_the_cache_folder(fresh_loader, tmp_path):
     assert fresh_loader.library() is not None
     built = list((tmp_path / "kernels").glob("pml_kernels-*.so"))

@@ -165,3 +165,14 @@ def test_run_with_a_placement_answers_as_without(files, capsys, placement):
     # expected: on a CPU machine both placements are the CPU: the same greedy text, all modules cached
     assert placed["text"] == plain["text"]
     assert placed["usage"] == plain["usage"] and placed["usage"]["cached_tokens"] > 0
+
+
+def test_run_reports_kernels_and_a_bad_kernel_mode_is_one_line(files, capsys, monkeypatch):
+    common = [str(files / "p.pml"), "--schema", str(files / "s.pml"), "--model", "tiny:llama",
+              "--store", str(files / "store"), "--max-new-tokens", "2", "--json"]
+    out = run_json(capsys, "run", *common)
+    assert out["kernels"] == "c" or out["kernels"].startswith("torch (")
+    monkeypatch.setenv("PML_KERNELS", "fast")
+    assert main(["run", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PML_KERNELS must be one of auto, on, off, not 'fast'" in err[0]

@@ -91,3 +91,10 @@ def test_bad_semantic_threshold_or_threads_fail_at_parse_time(capsys, flag, valu
         main(["serve", "--model", "tiny:llama", flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_bad_kernel_mode_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.setenv("PML_KERNELS", "fast")
+    assert main(["serve", "--model", "tiny:llama", "--port", "0", "--store", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == "pml: error: PML_KERNELS must be one of auto, on, off, not 'fast'"

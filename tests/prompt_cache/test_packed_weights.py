@@ -71,3 +71,15 @@ def test_a_damaged_kept_file_is_rebuilt(smollm2, caplog):
         assert kept.read_bytes() == good  # rebuilt from the GGUF, byte for byte
     finally:
         kept.write_bytes(good)
+
+
+def test_a_model_folder_that_cannot_be_written_still_packs(smollm2, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = models.converted_dir("smollm2-135m")
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    not_a_folder = tmp_path / "file"  # writing the kept file inside it fails, as in a read-only folder
+    not_a_folder.write_text("")
+    done = packed_weights.attach(fresh, model_spec("smollm2-135m").locate_gguf(), not_a_folder, "f" * 64)
+    assert len(done) == 7 * fresh.config.num_hidden_layers + 1
+    assert "could not keep packed weights" in caplog.text and not_a_folder.read_text() == ""
