@@ -18,6 +18,9 @@ layer keeps all keys and the mask does the windowing.
 from __future__ import annotations
 
 import functools
+import math
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +73,11 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
     the cache), so each key/value head is read once per forward, which is what bounds a decode
     step at 4,000 tokens. Each query row still attends to exactly the keys it did, with the same
     scale: the output is the same (tests compare logits with transformers' sdpa).
-    Up to `kernels.MAX_QUERY_ROWS` rows per head (decode steps, packed batch steps, speculative
-    checks) go to the C kernel `kernels.ops.decode_attention` when it is in use: one pass over K
-    and V for all rows of a head, faster than SDPA's CPU kernels there.
+    With the kernels in use (`attention_store.kernels`), the rows of a head go to one of its C
+    kernels instead of SDPA: up to `kernels.DECODE_ROWS` (decode steps, speculative checks) to
+    `decode_attention`, one pass over K and V for all of them; more (prefills, packed batches) to
+    `flash_attention`, key blocks with an online softmax. Both read one query head's mask rows for
+    every head of its group, so the mask is not copied G times either.
     Anything else (no groups, causal without a mask, extra arguments, other devices) goes to
     transformers'.
     """
@@ -85,14 +90,18 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
         kv = heads // groups
         rows = query.reshape(b, kv, groups * q, d)  # head h = kv * groups + g: rows g*q .. g*q+q-1
         mask = attention_mask
+        kernel = _attention_kernel(rows, key, value, mask)
+        if kernel is not None and mask is not None and mask.dtype == torch.bool:  # transformers' own (True: attend)
+            mask = _additive_once(mask, query.dtype)
         if mask is not None:
             t = mask.shape[-1]
-            if mask.shape[1] == 1:  # one mask for every head: the same over a group's G rows
-                mask = mask.expand(b, 1, q, t)[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
-            else:  # a mask per query head: head kv*G + g becomes rows g*q.. of head kv
+            if mask.shape[1] != 1:  # a mask per query head: head kv*G + g becomes rows g*q.. of head kv
                 mask = mask.expand(b, heads, q, t).reshape(b, kv, groups * q, t)
-        if groups * q <= kernels.MAX_QUERY_ROWS and _decode_kernel_fits(rows, key, value, mask):  # attention_store.kernels
-            out = kernel_ops.decode_attention(rows, key, value, mask, d ** -0.5 if scaling is None else scaling)
+            elif kernel is None:  # one mask for every head: the same over a group's G rows
+                mask = mask.expand(b, 1, q, t)[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
+            # else the kernels read row g*q + i's mask at row i of the one head's (period q)
+        if kernel is not None:
+            out = kernel(rows, key, value, mask, d ** -0.5 if scaling is None else scaling)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
         return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
@@ -100,9 +109,15 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
                                   is_causal=is_causal, **kwargs)
 
 
-def _decode_kernel_fits(rows, key, value, mask) -> bool:
-    return (rows.dtype == key.dtype == value.dtype == torch.float32 and key.stride(-1) == value.stride(-1) == 1
-            and (mask is None or mask.dtype == torch.float32) and kernels.active())
+def _attention_kernel(rows, key, value, mask):
+    """The C kernel for these rows `[B, KV, rows per head, D]`, or None for SDPA."""
+    if not (rows.dtype == key.dtype == value.dtype == torch.float32 and key.stride(-1) == value.stride(-1) == 1
+            and (mask is None or mask.dtype == torch.bool or (mask.dtype == torch.float32 and mask.stride(-1) == 1))
+            and kernels.active()):
+        return None
+    if rows.shape[-2] <= kernels.DECODE_ROWS:
+        return kernel_ops.decode_attention
+    return kernel_ops.flash_attention if rows.shape[-1] % kernel_ops.FLASH_DIM == 0 else None
 
 
 def use_fast_attention(model) -> None:
@@ -142,11 +157,17 @@ class BufferedLayer(DynamicLayer):
 
     @classmethod
     def from_parts(cls, key_parts: list[torch.Tensor], value_parts: list[torch.Tensor], reserve: int,
-                   dtype: torch.dtype, device) -> "BufferedLayer":
-        """One layer holding the concatenation of `*_parts` (copied straight into the buffer)."""
+                   dtype: torch.dtype, device, buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> "BufferedLayer":
+        """One layer holding the concatenation of `*_parts` (copied straight into the buffer), in
+        fresh buffers or in `buffers` (keys, values: `part_shape(key_parts, reserve)`, on `device`)."""
         layer = cls(reserve)
         n = sum(k.shape[-2] for k in key_parts)
-        layer._allocate(key_parts[0], n + reserve, dtype, device)
+        if buffers is None:
+            layer._allocate(key_parts[0], n + reserve, dtype, device)
+        else:
+            layer._k, layer._v = buffers
+            layer.dtype, layer.device, layer.is_initialized = dtype, torch.device(device), True
         at = 0
         for k, v in zip(key_parts, value_parts, strict=True):
             m = k.shape[-2]
@@ -245,9 +266,28 @@ def buffered_cache(key_parts: list[list[torch.Tensor]], value_parts: list[list[t
                    dtype: torch.dtype, devices: list) -> DynamicCache:
     """A cache of `BufferedLayer`s, layer i the concatenation of `key_parts[i]` (one copy, into the buffer)."""
     cache = new_cache(reserve=reserve)
-    cache.layers = [BufferedLayer.from_parts(k, v, reserve, dtype, d)
-                    for k, v, d in zip(key_parts, value_parts, devices, strict=True)]
+    buffers = _cpu_buffers(key_parts, reserve, dtype, devices)
+    cache.layers = [BufferedLayer.from_parts(k, v, reserve, dtype, d, b)
+                    for k, v, d, b in zip(key_parts, value_parts, devices, buffers, strict=True)]
     return cache
+
+
+def _cpu_buffers(key_parts: list[list[torch.Tensor]], reserve: int, dtype: torch.dtype, devices: list) -> list:
+    """Key and value buffers for the CPU layers as views of one huge-page backed allocation (None
+    for other devices). Per layer, a buffer is about 3 MiB at 4,000 tokens (smollm2-135m), below
+    `buffers.HUGE_MIN_BYTES`: 60 separate ones were 4 KiB pages, about 45,000 first-touch faults in
+    a fresh process; one allocation of them all faults once per 2 MiB."""
+    shapes = [(*k[0].shape[:-2], sum(p.shape[-2] for p in k) + reserve, k[0].shape[-1]) if torch.device(d).type == "cpu"
+              else None for k, d in zip(key_parts, devices, strict=True)]
+    sizes = [0 if s is None else math.prod(s) for s in shapes]
+    slab, at, out = empty_tensor((2 * sum(sizes),), dtype), 0, []
+    for shape, size in zip(shapes, sizes):
+        if shape is None:
+            out.append(None)
+            continue
+        out.append((slab[at:at + size].view(shape), slab[at + size:at + 2 * size].view(shape)))
+        at += 2 * size
+    return out
 
 
 def cache_kv(cache: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -266,10 +306,26 @@ def truncate(cache: DynamicCache, length: int) -> None:
             layer.values = layer.values[:, :, :length]
 
 
+def _fill(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of bool `allowed` (True: attend), same shape."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]  # (1, 1, q, k)
+    return _fill(allowed, dtype)[None, None]  # (1, 1, q, k)
+
+
+_last_mask = threading.local()  # .pair: (weak reference to a bool mask, its additive form)
+
+
+def _additive_once(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_fill(mask)` of transformers' bool mask, computed once per forward: every layer is handed
+    the same mask object (11 ms a forward of 39 tokens over 4,000 when converted per layer)."""
+    ref, done = getattr(_last_mask, "pair", (None, None))
+    if ref is None or ref() is not mask or done.dtype != dtype:
+        done = _fill(mask, dtype)
+        _last_mask.pair = (weakref.ref(mask), done)
+    return done
 
 
 def build_mask(spec: AttentionSpec, allowed: torch.Tensor | None, q_pos: torch.Tensor,

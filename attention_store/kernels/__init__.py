@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for decode steps: packed-weight matrix-vector products and single-query attention.
+"""Compiled CPU kernels: packed-weight matrix-vector products for decode steps, and attention.
 
 A decode step of smollm2-135m at 4,000 tokens of context spends its time reading memory: 537 MB of
 fp32 weights through torch's matmul and 184 MB of cached keys and values through SDPA, whose CPU
@@ -8,8 +8,11 @@ kernels took 2.5-4x as long as a plain read of K and V for the 3 query rows of a
 - `matvec`: y = W x for a few input rows, W held in the GGUF block format the weights came from
   (Q4_1: 0.75 bytes a weight as stored here, Q8_0: 1.125, against 4 in fp32). The values are
   exactly the fp32 weights (`attention_store.kernels.packed` checks every row at load);
-- `decode_attention`: up to `MAX_QUERY_ROWS` query rows per key/value head over a preallocated
-  cache: tiles of rows share each pass over K and over V.
+- `decode_attention`: up to `DECODE_ROWS` query rows per key/value head over a preallocated
+  cache: tiles of rows share each pass over K and over V;
+- `flash_attention`: more rows (prefills, a packed batch's prefill): blocks of keys with an online
+  softmax and register-tiled products, so scores stay in cache (faster than SDPA's flash kernel
+  from about 48 rows).
 
 Results equal torch's up to the order of summation (a few 1e-7 relative, as between two BLAS
 libraries); tests compare them.
@@ -46,14 +49,14 @@ log = logging.getLogger(__name__)
 ENV = "PML_KERNELS"
 MODES = ("auto", "on", "off")
 SOURCE = Path(__file__).with_name("pml_kernels.c")
-ABI = 3  # pml_kernels_abi() of the source this loader speaks to
+ABI = 4  # pml_kernels_abi() of the source this loader speaks to
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BLOCK_WEIGHTS = 32  # weights per block in Q4_1 and Q8_0
-# Query rows per key/value head up to which `decode_attention` runs instead of SDPA: a decode step
-# (the 3 heads of a group) and a packed batch of 8 prompts (24 rows) gain, 48 rows are even and the
-# 117 of a 39-token prefill lose (the score rows no longer stay in cache);
-# `python scripts/probes/decode_kernels.py` times 3, 24, 48 and 117 rows (docs/RESULTS.md).
-MAX_QUERY_ROWS = 32
+# Query rows per key/value head up to which attention runs `decode_attention` (one pass over K and
+# V); more rows run `flash_attention` (key blocks, online softmax). With each layer's K/V cold, as
+# in a real step, `python scripts/probes/decode_kernels.py` measured (ms, 30 layers): 3 rows 14.1
+# vs 32.6, 24 rows 42.1 vs 49.8, 48 rows 86.7 vs 85.4, 117 rows 213.8 vs 162.0 (SDPA 186.3).
+DECODE_ROWS = 32
 BLOCK_BYTES = {"q4_1": 24, "q8_0": 36}  # a block as laid out here (fp32 scales); checked against the library
 
 _lock = threading.Lock()
@@ -118,8 +121,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("pml_q4_1_dequantize", "pml_q8_0_dequantize"):
         getattr(lib, name).argtypes = [p, p, i64]
         getattr(lib, name).restype = None
-    lib.pml_decode_attention.argtypes = [p, p, p, p, p] + [i64] * 14 + [f32, i32]
-    lib.pml_decode_attention.restype = None
+    for name in ("pml_decode_attention", "pml_flash_attention"):
+        getattr(lib, name).argtypes = [p, p, p, p, p] + [i64] * 15 + [f32, i32]
+        getattr(lib, name).restype = None
 
 
 def library() -> ctypes.CDLL | None:

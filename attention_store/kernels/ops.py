@@ -40,24 +40,43 @@ def dequantize(fmt: str, blocks: torch.Tensor) -> torch.Tensor:
 
 def decode_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
-    """softmax(rows K^T * scale + mask) V per key/value head.
+    """softmax(rows K^T * scale + mask) V per key/value head, one pass over K and V for all rows
+    of a head (few rows: decode steps).
 
     rows `[B, KV, G, D]` (the G query heads of a group as rows), key/value `[B, KV, T, D]` with the
     last dimension contiguous (views of a preallocated cache are fine), mask additive
-    `[B or 1, KV or 1, G, T]` or None. Returns `[B, KV, G, D]`.
+    `[B or 1, KV or 1, M, T]` with M = G, or M dividing G: row g then uses mask row g % M (the
+    rows of one query head's mask, repeated over the heads of its group without a copy), or None.
+    Returns `[B, KV, G, D]`.
     """
+    return _attention(kernels.library().pml_decode_attention, rows, key, value, mask, scale)
+
+
+def flash_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """`decode_attention`'s contract for many rows per head (prefills, packed batches): key blocks
+    with an online softmax, register-tiled products. Needs D % 32 == 0 (`flash_fits`)."""
+    assert rows.shape[-1] % FLASH_DIM == 0, f"head dim {rows.shape[-1]} is not a multiple of {FLASH_DIM}"
+    return _attention(kernels.library().pml_flash_attention, rows, key, value, mask, scale)
+
+
+FLASH_DIM = 32  # flash_attention's head dims are multiples of this (its output tile)
+
+
+def _attention(fn, rows, key, value, mask, scale) -> torch.Tensor:
     b, kv, g, d = rows.shape
     t = key.shape[-2]
     assert key.shape == value.shape == (b, kv, t, d) and key.stride(-1) == value.stride(-1) == 1
     assert rows.dtype == key.dtype == value.dtype == torch.float32
     rows = rows.contiguous()
     out = torch.empty_like(rows)
-    m_strides = (0, 0, 0)
+    m_strides, period = (0, 0, 0), g
     if mask is not None:
-        assert mask.dtype == torch.float32 and mask.shape[-2:] == (g, t) and mask.stride(-1) == 1
-        mask = mask.expand(b, kv, g, t)
+        period = mask.shape[-2]
+        assert mask.dtype == torch.float32 and mask.shape[-1] == t and mask.stride(-1) == 1 and g % period == 0, (
+            f"mask {tuple(mask.shape)} does not fit {g} rows over {t} keys")
+        mask = mask.expand(b, kv, period, t)
         m_strides = mask.stride()[:3]
-    kernels.library().pml_decode_attention(
-        rows.data_ptr(), key.data_ptr(), value.data_ptr(), _ptr(mask), out.data_ptr(), b, kv, g, d, t,
-        *key.stride()[:3], *value.stride()[:3], *m_strides, scale, torch.get_num_threads())
+    fn(rows.data_ptr(), key.data_ptr(), value.data_ptr(), _ptr(mask), out.data_ptr(), b, kv, g, d, t,
+       *key.stride()[:3], *value.stride()[:3], *m_strides, period, scale, torch.get_num_threads())
     return out

@@ -1,5 +1,6 @@
-/* Decode-step kernels for the CPU: weight-stationary matrix-vector products over the GGUF block
- * formats the built-in models ship in, and single-query attention over a preallocated KV cache.
+/* CPU kernels: weight-stationary matrix-vector products over the GGUF block formats the built-in
+ * models ship in (decode steps), and attention over a preallocated KV cache: one pass for a few
+ * query rows per key/value head (decode steps), flash-style key blocks for many (prefills).
  *
  * Built at first use by attention_store/kernels/__init__.py (cc -O3 -march=native -fopenmp) and
  * called through ctypes; every pointer is the data of a contiguous (or explicitly strided) fp32
@@ -28,7 +29,7 @@
 typedef struct { float d, m; uint8_t qs[16]; } q4_1_block;  /* qs[j]: weight j low nibble, j+16 high */
 typedef struct { float d; int8_t qs[32]; } q8_0_block;
 
-int pml_kernels_abi(void) { return 3; } /* bumped when a signature changes; the loader checks it */
+int pml_kernels_abi(void) { return 4; } /* bumped when a signature changes; the loader checks it */
 int pml_q4_1_block_bytes(void) { return (int)sizeof(q4_1_block); }
 int pml_q8_0_block_bytes(void) { return (int)sizeof(q8_0_block); }
 int pml_kernels_simd(void) {
@@ -175,8 +176,9 @@ void pml_q8_0_dequantize(const q8_0_block *w, float *out, int64_t blocks) {
 /* For every (batch b, key/value head h): G query rows (the query heads of the group) attend to the
  * head's T cached keys. q, out: [B, KV, G, D] contiguous. k, v: element (b, h, t, d) at
  * b*s_b + h*s_h + t*s_t + d. mask (optional, additive): element (b, h, g, t) at
- * b*m_b + h*m_h + g*m_g + t (a stride 0 broadcasts). One pass over K (scores), a softmax, one
- * pass over V. */
+ * b*m_b + h*m_h + (g % m_period)*m_g + t (a stride 0 broadcasts; m_period < G repeats the rows of
+ * one query head's mask over the group's heads without copying it). One pass over K (scores), a
+ * softmax, one pass over V. */
 
 #ifdef PML_AVX2
 static inline __m256 exp256(__m256 x) { /* e^x, |rel error| < 2e-7 for x in [-87.3, 0] */
@@ -232,13 +234,14 @@ static inline void qk_tile(const float *qh, const float *kh, int64_t k_t, int64_
       for (int r = 0; r < QK_ROWS; ++r) acc[r][j] = _mm256_fmadd_ps(qv[r], kv, acc[r][j]);
     }
   }
-  for (int r = 0; r < gn; ++r) _mm256_storeu_ps(s + (g0 + r) * T + t0, _mm256_mul_ps(sum8(acc[r]), _mm256_set1_ps(scale)));
+  for (int r = 0; r < QK_ROWS; ++r) /* to the constant bound: a runtime one would keep `acc` in memory */
+    if (r < gn) _mm256_storeu_ps(s + (g0 + r) * T + t0, _mm256_mul_ps(sum8(acc[r]), _mm256_set1_ps(scale)));
 }
 #endif
 
-/* s[t] = exp(s[t] + mask[t] - max) (mask may be NULL), returns the sum. */
-static float softmax_numerators(float *s, const float *mask, int64_t T) {
-  float mx = -INFINITY, z = 0.f;
+/* s[t] += mask[t] (mask may be NULL); returns the largest s[t]. */
+static float masked_max(float *s, const float *mask, int64_t T) {
+  float mx = -INFINITY;
   int64_t t = 0;
 #ifdef PML_AVX2
   float lanes[8];
@@ -256,10 +259,17 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
     if (mask) s[t] += mask[t];
     mx = s[t] > mx ? s[t] : mx;
   }
-  t = 0;
+  return mx;
+}
+
+/* s[t] = exp(s[t] - ref) (a key far below ref, a masked one, gives exactly 0); returns the sum. */
+static float exp_sum(float *s, int64_t T, float ref) {
+  float z = 0.f;
+  int64_t t = 0;
 #ifdef PML_AVX2
+  float lanes[8];
   __m256 vz = _mm256_setzero_ps();
-  vm = _mm256_set1_ps(mx);
+  const __m256 vm = _mm256_set1_ps(ref);
   for (; t + 8 <= T; t += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
     _mm256_storeu_ps(s + t, e);
@@ -268,8 +278,13 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
   _mm256_storeu_ps(lanes, vz);
   for (int l = 0; l < 8; ++l) z += lanes[l];
 #endif
-  for (; t < T; ++t) { s[t] = expf(s[t] - mx); z += s[t]; }
+  for (; t < T; ++t) { s[t] = expf(s[t] - ref); z += s[t]; }
   return z;
+}
+
+/* s[t] = exp(s[t] + mask[t] - max) (mask may be NULL), returns the sum. */
+static float softmax_numerators(float *s, const float *mask, int64_t T) {
+  return exp_sum(s, T, masked_max(s, mask, T));
 }
 
 /* out[g0 + g, d0 .. d0 + DBK) = sum_t s[g0 + g, t] v[t, d0 ..] * inv[g], g < gn <= GBK: one pass over
@@ -286,16 +301,17 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
       const float *vt = vh + t * v_t + d0;                                                          \
       __m256 vv[DBK / 8];                                                                           \
       for (int j = 0; j < DBK / 8; ++j) vv[j] = _mm256_loadu_ps(vt + 8 * j);                        \
-      for (int64_t g = 0; g < gn; ++g) {                                                            \
-        const __m256 p = _mm256_set1_ps(s[(g0 + g) * T + t]);                                       \
+      for (int g = 0; g < GBK; ++g) { /* rows past gn repeat the last and are not stored */         \
+        const __m256 p = _mm256_set1_ps(s[(g0 + (g < gn ? g : gn - 1)) * T + t]);                   \
         for (int j = 0; j < DBK / 8; ++j) acc[g][j] = _mm256_fmadd_ps(p, vv[j], acc[g][j]);         \
       }                                                                                             \
     }                                                                                               \
-    for (int64_t g = 0; g < gn; ++g) {                                                              \
-      const __m256 z = _mm256_set1_ps(inv[g]);                                                      \
-      for (int j = 0; j < DBK / 8; ++j)                                                             \
-        _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j, _mm256_mul_ps(acc[g][j], z));              \
-    }                                                                                               \
+    for (int g = 0; g < GBK; ++g) /* the constant bound keeps `acc` in registers */                 \
+      if (g < gn) {                                                                                 \
+        const __m256 z = _mm256_set1_ps(inv[g]);                                                    \
+        for (int j = 0; j < DBK / 8; ++j)                                                           \
+          _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j, _mm256_mul_ps(acc[g][j], z));            \
+      }                                                                                             \
   }
 #endif
 #ifdef __AVX512VL__ /* 24 accumulators: needs the 32 vector registers of AVX-512VL */
@@ -327,7 +343,7 @@ static void pv_plain(const float *s, int64_t T, const float *vh, int64_t v_t, fl
 void pml_decode_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                           int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
                           int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
-                          int64_t m_b, int64_t m_h, int64_t m_g, float scale, int threads) {
+                          int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
     float *s = (float *)malloc(sizeof(float) * G * T);
     _Pragma("omp for schedule(static)") for (int64_t bh = 0; bh < B * KV; ++bh) {
@@ -355,7 +371,7 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
       for (int64_t g0 = 0; g0 < G; g0 += gb) {
         const int64_t gn = G - g0 < gb ? G - g0 : gb;
         for (int64_t g = 0; g < gn; ++g)
-          inv[g] = 1.f / softmax_numerators(s + (g0 + g) * T, mask ? mask + b * m_b + h * m_h + (g0 + g) * m_g : NULL, T);
+          inv[g] = 1.f / softmax_numerators(s + (g0 + g) * T, mask ? mask + b * m_b + h * m_h + ((g0 + g) % m_period) * m_g : NULL, T);
         for (int64_t d0 = 0; d0 < D; d0 += db) {
           const int64_t dn = D - d0 < db ? D - d0 : db;
 #ifdef PML_AVX2
@@ -369,5 +385,189 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
       }
     }
     free(s);
+  }
+}
+
+/* ---- many-row attention (prefills, packed batches): flash-style tiles ------------------------ */
+/* The same contract as pml_decode_attention, for many query rows per key/value head (a 39-token
+ * prefill of a model with 3 query heads per K/V head is 117 rows). The single-pass kernel above
+ * keeps every row's scores for all T keys, which no longer stays in cache there; here a task of
+ * up to FR rows walks the keys in blocks of FK with an online softmax (running max m, sum l,
+ * output rescaled by alpha = e^(m_old - m_new)), so its scores, a transposed key block and its
+ * output stay in L2. Scores and the output update are register-tiled products: FQ rows x 16 keys
+ * (keys transposed into panels once per block) and FV rows x 32 dims (V read in place). A masked
+ * key gives exactly 0, as above. Needs D % 32 == 0. */
+
+#define FK 128 /* keys per block */
+#define FP 16  /* keys per transposed panel */
+#ifdef __AVX512VL__ /* 24 accumulators: the 32 vector registers of AVX-512VL */
+#define FQ 12
+#define FV 6
+#else
+#define FQ 6
+#define FV 2
+#endif
+#define FR 120 /* query rows per task: a multiple of FQ and FV */
+/* Unrolled before GCC splits the accumulator arrays into registers (otherwise it keeps a copy of
+ * them in memory, stored every iteration). */
+#define UNROLL _Pragma("GCC unroll 16")
+
+/* s[r][0 .. FP) = scale * q_r . k_j for the rows of one packed group (qp: [D][FQ], rows past rn
+ * repeat the last) and one key panel (kp: [D][FP]); rows r < rn stored, row stride FK. */
+static __attribute__((noinline)) void flash_qk(const float *qp, const float *kp, int64_t D, int rn, float scale, float *s) {
+#ifdef PML_AVX2
+  __m256 a[FQ][2];
+  UNROLL for (int r = 0; r < FQ; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kp + d * FP), k1 = _mm256_loadu_ps(kp + d * FP + 8);
+    UNROLL for (int r = 0; r < FQ; ++r) {
+      const __m256 q = _mm256_broadcast_ss(qp + d * FQ + r);
+      a[r][0] = _mm256_fmadd_ps(q, k0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(q, k1, a[r][1]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  UNROLL for (int r = 0; r < FQ; ++r) /* to the constant bound: a runtime one would keep `a` in memory */
+    if (r < rn) {
+      _mm256_storeu_ps(s + r * FK, _mm256_mul_ps(a[r][0], sc));
+      _mm256_storeu_ps(s + r * FK + 8, _mm256_mul_ps(a[r][1], sc));
+    }
+#else
+  for (int r = 0; r < rn; ++r)
+    for (int j = 0; j < FP; ++j) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += qp[d * FQ + r] * kp[d * FP + j];
+      s[r * FK + j] = acc * scale;
+    }
+#endif
+}
+
+/* o[r][0 .. 32) = o[r][..] * alpha[r] + sum_{t < tn} p[r][t] v[t][..] for rows r < rn <= FV (p: row
+ * stride FK; v: row stride v_t; o: row stride D). */
+static __attribute__((noinline)) void flash_pv(const float *p, int rn, int64_t tn, const float *v, int64_t v_t, float *o, int64_t D,
+                            const float *alpha) {
+#ifdef PML_AVX2
+  __m256 a[FV][4];
+  const float *pr[FV];
+  UNROLL for (int r = 0; r < FV; ++r) {
+    const int rr = r < rn ? r : rn - 1;
+    const __m256 al = _mm256_set1_ps(alpha[rr]);
+    pr[r] = p + rr * FK;
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm256_mul_ps(_mm256_loadu_ps(o + rr * D + 8 * j), al);
+  }
+  for (int64_t t = 0; t < tn; ++t) {
+    const float *vt = v + t * v_t;
+    const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
+                 v3 = _mm256_loadu_ps(vt + 24);
+    UNROLL for (int r = 0; r < FV; ++r) {
+      const __m256 w = _mm256_broadcast_ss(pr[r] + t);
+      a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w, v1, a[r][1]);
+      a[r][2] = _mm256_fmadd_ps(w, v2, a[r][2]);
+      a[r][3] = _mm256_fmadd_ps(w, v3, a[r][3]);
+    }
+  }
+  UNROLL for (int r = 0; r < FV; ++r)
+    if (r < rn)
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + r * D + 8 * j, a[r][j]);
+#else
+  for (int r = 0; r < rn; ++r) {
+    float acc[32];
+    for (int j = 0; j < 32; ++j) acc[j] = o[r * D + j] * alpha[r];
+    for (int64_t t = 0; t < tn; ++t)
+      for (int j = 0; j < 32; ++j) acc[j] += p[r * FK + t] * v[t * v_t + j];
+    for (int j = 0; j < 32; ++j) o[r * D + j] = acc[j];
+  }
+#endif
+}
+
+#ifdef PML_AVX2
+/* r[i] = column i of the 8 x 8 matrix whose rows are r[0..8). */
+static inline void transpose8(__m256 *r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+/* kp[panel][d][j] = k[FP * panel + j][d] for the tn keys of a block (rows of k: stride k_t), zero
+ * past tn. */
+static void flash_pack_keys(const float *k, int64_t k_t, int64_t D, int64_t tn, float *kp) {
+  for (int64_t p0 = 0; p0 < tn; p0 += FP) {
+    float *panel = kp + (p0 / FP) * D * FP;
+    const int64_t jn = tn - p0 < FP ? tn - p0 : FP;
+#ifdef PML_AVX2
+    if (jn == FP && D % 8 == 0) {
+      for (int64_t d0 = 0; d0 < D; d0 += 8)
+        for (int half = 0; half < FP / 8; ++half) {
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(k + (p0 + 8 * half + i) * k_t + d0);
+          transpose8(r);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (d0 + i) * FP + 8 * half, r[i]);
+        }
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < FP; ++j)
+      for (int64_t d = 0; d < D; ++d) panel[d * FP + j] = j < jn ? k[(p0 + j) * k_t + d] : 0.f;
+  }
+}
+
+void pml_flash_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
+                         int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
+                         int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
+                         int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
+  const int64_t row_blocks = (G + FR - 1) / FR;
+  _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
+    float *qp = (float *)malloc(sizeof(float) * FR * D);       /* the task's rows, packed [group][D][FQ] */
+    float *kp = (float *)malloc(sizeof(float) * FK * D);       /* a key block, transposed [panel][D][FP] */
+    float *s = (float *)malloc(sizeof(float) * FR * FK);       /* scores, then weights, [row][FK] */
+    float m[FR], l[FR], alpha[FR];
+    _Pragma("omp for schedule(static)") for (int64_t task = 0; task < B * KV * row_blocks; ++task) {
+      const int64_t bh = task / row_blocks, b = bh / KV, h = bh % KV, g0 = (task % row_blocks) * FR;
+      const int64_t gn = G - g0 < FR ? G - g0 : FR;
+      const float *qh = q + (bh * G + g0) * D, *kh = k + b * k_b + h * k_h, *vh = v + b * v_b + h * v_h;
+      float *oh = out + (bh * G + g0) * D;
+      for (int64_t r0 = 0; r0 < gn; r0 += FQ)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t r = 0; r < FQ; ++r)
+            qp[r0 * D + d * FQ + r] = qh[(r0 + r < gn ? r0 + r : gn - 1) * D + d];
+      memset(oh, 0, sizeof(float) * gn * D);
+      for (int64_t r = 0; r < gn; ++r) m[r] = -INFINITY, l[r] = 0.f;
+      for (int64_t t0 = 0; t0 < T; t0 += FK) {
+        const int64_t tn = T - t0 < FK ? T - t0 : FK;
+        flash_pack_keys(kh + t0 * k_t, k_t, D, tn, kp);
+        for (int64_t j = 0; j < tn; j += FP)
+          for (int64_t r0 = 0; r0 < gn; r0 += FQ)
+            flash_qk(qp + r0 * D, kp + (j / FP) * D * FP, D, gn - r0 < FQ ? (int)(gn - r0) : FQ, scale,
+                     s + r0 * FK + j);
+        for (int64_t r = 0; r < gn; ++r) {
+          const float *mr = mask ? mask + b * m_b + h * m_h + ((g0 + r) % m_period) * m_g + t0 : NULL;
+          const float mx = masked_max(s + r * FK, mr, tn), m_new = mx > m[r] ? mx : m[r];
+          const float ref = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
+          alpha[r] = expf(m[r] - ref);
+          l[r] = l[r] * alpha[r] + exp_sum(s + r * FK, tn, ref);
+          m[r] = m_new;
+        }
+        for (int64_t r0 = 0; r0 < gn; r0 += FV)
+          for (int64_t d0 = 0; d0 < D; d0 += 32)
+            flash_pv(s + r0 * FK, gn - r0 < FV ? (int)(gn - r0) : FV, tn, vh + t0 * v_t + d0, v_t, oh + r0 * D + d0,
+                     D, alpha + r0);
+      }
+      for (int64_t r = 0; r < gn; ++r) {
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < D; ++d) oh[r * D + d] *= inv;
+      }
+    }
+    free(qp), free(kp), free(s);
   }
 }

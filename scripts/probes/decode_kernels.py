@@ -8,8 +8,9 @@ SDPA's math backend and `torch.compile` of the eager form. With `--cpp`, a hand-
 prototype (one pass over K, a softmax, one pass over V), compiled with
 `torch.utils.cpp_extension.load_inline` (needs a C++ compiler and ninja; not part of the library).
 Then the weight matmuls of a step: the projections one by one against QKV and gate/up fused.
-Then this library's C kernels (`attention_store.kernels`, when they build): `decode_attention`
-for the 3 rows of a decode step, the 24 of a packed batch of 8, 48, and the 117 of a 39-token prefill beside flash SDPA, and the 211
+Then this library's C kernels (`attention_store.kernels`, when they build): `decode_attention` and
+`flash_attention` for the 3 rows of a decode step, the 24 of a packed batch of 8, 48, the 117 of a
+39-token prefill and the 480 of a packed batch's prefill, beside flash SDPA, and the 211
 packed-weight products of a smollm2-135m step for 1 and 8 input rows beside `F.linear` on the
 fp32 weights (loads the model).
 
@@ -136,12 +137,14 @@ def library_kernels(ks, vs) -> None:
     if not kernels.active():
         print(f"library kernels: {kernels.status()}")
         return
-    print("attention, this library's C kernel against flash SDPA, ms per step (30 layers):")
-    for rows in (G, 8 * G, 16 * G, 39 * G):
+    print("attention, this library's C kernels against flash SDPA, ms per step (30 layers):")
+    for rows in (G, 8 * G, 16 * G, 39 * G, 160 * G):
         q = torch.randn(1, KV, rows, D)
         c = _setup.median_ms(lambda: [ops.decode_attention(q, k, v, None, 0.125) for k, v in zip(ks, vs)], 7)
+        fl = _setup.median_ms(lambda: [ops.flash_attention(q, k, v, None, 0.125) for k, v in zip(ks, vs)], 7)
         f = _setup.median_ms(lambda: [F.scaled_dot_product_attention(q, k, v, scale=0.125) for k, v in zip(ks, vs)], 7)
-        print(f"  {rows:2d} query rows per K/V head: C {c:6.1f}   SDPA {f:6.1f}")
+        used = "decode" if rows <= kernels.DECODE_ROWS else "flash"
+        print(f"  {rows:3d} query rows per K/V head: C decode {c:6.1f}   C flash {fl:6.1f}   SDPA {f:6.1f}   (runs: {used})")
     layers = [m for m in load_model("smollm2-135m").model.modules() if isinstance(m, PackedLinear)]
     print(f"weight products of one step ({len(layers)} layers), ms:")
     for rows in (1, 8):

@@ -149,6 +149,48 @@ def test_grouped_attention_without_repeat_equals_transformers_sdpa(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma3"])
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_many_grouped_rows_equal_transformers_sdpa(arch, kernels_on, monkeypatch):
+    # 20 fresh tokens x 2 query heads per key/value head = 40 rows per head: past the decode kernel,
+    # so (head dim 32) the C flash kernel runs when the kernels are in use, reading one query
+    # head's mask rows for both heads of its group. Logits as transformers' sdpa.
+    from transformers import AutoModelForCausalLM
+
+    from attention_store import kernels
+    from attention_store.kernels import ops
+    from prompt_cache.tiny import tiny_config
+
+    calls = []
+    flash = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a: calls.append(a[0].shape) or flash(*a))
+    config = tiny_config(arch)
+    config.head_dim = 32
+    if arch == "gemma3":
+        config.query_pre_attn_scalar = 32
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    pos = torch.cat([torch.arange(6), torch.arange(20, 26)])
+    allowed = torch.ones(20, 32, dtype=torch.bool)
+    allowed[:, 2:5] = False
+    allowed[:, 12:] = torch.ones(20, 20, dtype=torch.bool).tril()
+    out, ran = {}, 0
+    for impl in (adapter.ATTENTION, "sdpa"):
+        if impl == adapter.ATTENTION:
+            adapter.use_fast_attention(model)
+        else:
+            model.set_attn_implementation(impl)
+        cache = adapter.new_cache()
+        adapter.forward(model, torch.arange(3, 15), pos, cache, None)
+        calls.clear()
+        with kernels.disabled() if not kernels_on else torch.inference_mode():
+            out[impl] = adapter.forward(model, torch.arange(40, 60), torch.arange(30, 50), cache, pos,
+                                        allowed=allowed)
+        ran = ran if impl == "sdpa" else len(calls)  # flash calls of our attention's 20-token forward
+    torch.testing.assert_close(out[adapter.ATTENTION], out["sdpa"], atol=1e-5, rtol=1e-5)
+    assert ran == (config.num_hidden_layers if kernels_on and kernels.active() else 0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3"])
 @pytest.mark.parametrize("hidden", [False, True])
 def test_one_token_decode_with_grouped_rows_equals_transformers_sdpa(arch, hidden):
     # A decode step (one query token) over a cache with gaps, with and without a mask: query heads

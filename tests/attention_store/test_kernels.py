@@ -95,6 +95,55 @@ def test_decode_attention_equals_sdpa(d, t, mask_kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _additive(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(hidden.shape).masked_fill_(hidden, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("kernel", ["decode_attention", "flash_attention"])
+@pytest.mark.parametrize("g,t,d", [(117, 300, 64), (250, 129, 32), (18, 17, 128), (3, 1, 64)])
+@pytest.mark.parametrize("mask_kind", [None, "period", "per_head", "leading_blocks_hidden"])
+def test_attention_kernels_equal_sdpa(kernel, g, t, d, mask_kind):
+    """Row counts past a task (120 rows) and a micro-tile, key counts past a block (128) and a
+    panel (16); a mask read with a period (one query head's rows for every head of a group: row r
+    uses mask row r % period); rows whose first key blocks are all hidden (the online softmax
+    starts from nothing there)."""
+    b, kv = 1, 2
+    key = torch.randn(b, kv, t + 5, d)[:, :, :t]  # views of buffers with room, as the cache holds them
+    value = torch.randn(b, kv, t + 5, d)[:, :, :t]
+    rows = torch.randn(b, kv, g, d)
+    mask = full = None
+    if mask_kind == "period":
+        period = next(p for p in (39, 9, 6, 3, 1) if g % p == 0)
+        hidden = torch.rand(1, 1, period, t) < 0.3
+        hidden[..., -1] = False
+        mask = _additive(hidden)
+        full = mask.repeat(1, 1, g // period, 1)
+    elif mask_kind == "per_head":
+        hidden = torch.rand(b, kv, g, t) < 0.5
+        hidden[..., 0] = False
+        mask = full = _additive(hidden)
+    elif mask_kind == "leading_blocks_hidden":
+        hidden = torch.zeros(1, 1, g, t, dtype=torch.bool)
+        hidden[..., : t - 1] = torch.arange(g)[:, None] % 2 == 0  # even rows see only the last key
+        mask = full = _additive(hidden)
+    got = getattr(ops, kernel)(rows, key, value, mask, d ** -0.5)
+    want = F.scaled_dot_product_attention(rows, key, value, attn_mask=full, scale=d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_is_the_same_for_any_thread_count():
+    rows, key, value = torch.randn(1, 3, 130, 64), torch.randn(1, 3, 400, 64), torch.randn(1, 3, 400, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.flash_attention(rows, key, value, None, 0.125)
+        torch.set_num_threads(2)
+        two = ops.flash_attention(rows, key, value, None, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # a task's rows are computed in the same order on any thread
+
+
 def _packed_copy(linear: torch.nn.Linear, fmt: str, seed: int) -> torch.Tensor:
     """Give `linear` the weights of random blocks; returns the blocks."""
     blocks = packed.repack(fmt, gguf_blocks(fmt, linear.out_features, linear.in_features, seed))
@@ -199,6 +248,12 @@ def test_the_plain_c_path_equals_torch(tmp_path, monkeypatch):
     mask = torch.zeros(1, 1, 5, 21)
     mask[..., 3] = torch.finfo(torch.float32).min
     torch.testing.assert_close(ops.decode_attention(rows, key, value, mask, 0.25),
+                               F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25),
+                               rtol=1e-5, atol=1e-5)
+    key, value, rows = torch.randn(1, 2, 150, 32), torch.randn(1, 2, 150, 32), torch.randn(1, 2, 130, 32)
+    mask = torch.zeros(1, 1, 130, 150)
+    mask[:, :, :7, :140] = torch.finfo(torch.float32).min
+    torch.testing.assert_close(ops.flash_attention(rows, key, value, mask, 0.25),
                                F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25),
                                rtol=1e-5, atol=1e-5)
 
