@@ -76,8 +76,10 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
     With the kernels in use (`attention_store.kernels`), the rows of a head go to one of its C
     kernels instead of SDPA: up to `kernels.DECODE_ROWS` (decode steps, speculative checks) to
     `decode_attention`, one pass over K and V for all of them; more (prefills, packed batches) to
-    `flash_attention`, key blocks with an online softmax. Both read one query head's mask rows for
-    every head of its group, so the mask is not copied G times either.
+    `flash_attention`, key blocks with an online softmax; also a prefill with no cache, which
+    transformers runs as SDPA's is_causal (the full-prefill baseline and module encoding get the
+    kernel too). Both read one query head's mask rows for every head of its group, so the mask is
+    not copied G times either.
     Anything else (no groups, causal without a mask, extra arguments, other devices) goes to
     transformers'.
     """
@@ -85,12 +87,22 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q, d = query.shape
-    if ((q == 1 or (groups > 1 and attention_mask is not None)) and query.device.type == "cpu" and not dropout
-            and not {k for k, v in kwargs.items() if v is not None} - _PLAIN_KWARGS):
+    # transformers' own choice: no mask and more than one query means SDPA's is_causal (a prefill
+    # with no cache: queries and keys are the same tokens)
+    causal = (attention_mask is None and q > 1 and key.shape[-2] == q
+              and (is_causal if is_causal is not None else getattr(module, "is_causal", True)))
+    if ((q == 1 or (groups > 1 and (attention_mask is not None or causal))) and query.device.type == "cpu"
+            and not dropout and not {k for k, v in kwargs.items() if v is not None} - _PLAIN_KWARGS):
         kv = heads // groups
         rows = query.reshape(b, kv, groups * q, d)  # head h = kv * groups + g: rows g*q .. g*q+q-1
         mask = attention_mask
-        kernel = _attention_kernel(rows, key, value, mask)
+        kernel = _attention_kernel(rows, key, value, mask, causal)
+        if causal:
+            if kernel is None:  # SDPA's is_causal needs the heads as heads
+                return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True,
+                                              **kwargs)
+            out = kernel(rows, key, value, None, d ** -0.5 if scaling is None else scaling, causal=q)
+            return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
         if kernel is not None and mask is not None and mask.dtype == torch.bool:  # transformers' own (True: attend)
             mask = _additive_once(mask, query.dtype)
         if mask is not None:
@@ -109,14 +121,15 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout: float = 0.0, s
                                   is_causal=is_causal, **kwargs)
 
 
-def _attention_kernel(rows, key, value, mask):
-    """The C kernel for these rows `[B, KV, rows per head, D]`, or None for SDPA."""
+def _attention_kernel(rows, key, value, mask, causal: bool = False):
+    """The C kernel for these rows `[B, KV, rows per head, D]` (`causal`: SDPA's is_causal, only the
+    flash kernel has it), or None for SDPA."""
     if not (rows.dtype == key.dtype == value.dtype == torch.float32 and key.stride(-1) == value.stride(-1) == 1
             and (mask is None or mask.dtype == torch.bool or (mask.dtype == torch.float32 and mask.stride(-1) == 1))
             and kernels.active()):
         return None
     if rows.shape[-2] <= kernels.DECODE_ROWS:
-        return kernel_ops.decode_attention
+        return None if causal else kernel_ops.decode_attention
     return kernel_ops.flash_attention if rows.shape[-1] % kernel_ops.FLASH_DIM == 0 else None
 
 

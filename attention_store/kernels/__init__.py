@@ -121,8 +121,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("pml_q4_1_dequantize", "pml_q8_0_dequantize"):
         getattr(lib, name).argtypes = [p, p, i64]
         getattr(lib, name).restype = None
+    lib.pml_decode_attention.argtypes = [p, p, p, p, p] + [i64] * 15 + [f32, i32]
+    lib.pml_flash_attention.argtypes = [p, p, p, p, p] + [i64] * 16 + [f32, i32]  # + causal
     for name in ("pml_decode_attention", "pml_flash_attention"):
-        getattr(lib, name).argtypes = [p, p, p, p, p] + [i64] * 15 + [f32, i32]
         getattr(lib, name).restype = None
 
 

@@ -53,17 +53,20 @@ def decode_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def flash_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
+                    scale: float, causal: int = 0) -> torch.Tensor:
     """`decode_attention`'s contract for many rows per head (prefills, packed batches): key blocks
-    with an online softmax, register-tiled products. Needs D % 32 == 0 (`flash_fits`)."""
+    with an online softmax, register-tiled products. Needs D % `FLASH_DIM` == 0. `causal` > 0:
+    row g also sees only keys t <= T - causal + g % causal (the causal mask of `causal` new tokens
+    at the end of the keys, repeated over the heads of a group; SDPA's `is_causal` when T == causal)."""
     assert rows.shape[-1] % FLASH_DIM == 0, f"head dim {rows.shape[-1]} is not a multiple of {FLASH_DIM}"
-    return _attention(kernels.library().pml_flash_attention, rows, key, value, mask, scale)
+    assert 0 <= causal <= key.shape[-2] and (causal == 0 or rows.shape[-2] % causal == 0)
+    return _attention(kernels.library().pml_flash_attention, rows, key, value, mask, scale, causal)
 
 
 FLASH_DIM = 32  # flash_attention's head dims are multiples of this (its output tile)
 
 
-def _attention(fn, rows, key, value, mask, scale) -> torch.Tensor:
+def _attention(fn, rows, key, value, mask, scale, *extra) -> torch.Tensor:
     b, kv, g, d = rows.shape
     t = key.shape[-2]
     assert key.shape == value.shape == (b, kv, t, d) and key.stride(-1) == value.stride(-1) == 1
@@ -78,5 +81,5 @@ def _attention(fn, rows, key, value, mask, scale) -> torch.Tensor:
         mask = mask.expand(b, kv, period, t)
         m_strides = mask.stride()[:3]
     fn(rows.data_ptr(), key.data_ptr(), value.data_ptr(), _ptr(mask), out.data_ptr(), b, kv, g, d, t,
-       *key.stride()[:3], *value.stride()[:3], *m_strides, period, scale, torch.get_num_threads())
+       *key.stride()[:3], *value.stride()[:3], *m_strides, period, *extra, scale, torch.get_num_threads())
     return out

@@ -396,7 +396,9 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
  * output rescaled by alpha = e^(m_old - m_new)), so its scores, a transposed key block and its
  * output stay in L2. Scores and the output update are register-tiled products: FQ rows x 16 keys
  * (keys transposed into panels once per block) and FV rows x 32 dims (V read in place). A masked
- * key gives exactly 0, as above. Needs D % 32 == 0. */
+ * key gives exactly 0, as above. `causal` > 0: row g also sees only keys t <= T - causal +
+ * g % causal (the causal mask of `causal` new tokens at the end of the keys, for every head of a
+ * group), and key blocks past a task's last visible key are skipped. Needs D % 32 == 0. */
 
 #define FK 128 /* keys per block */
 #define FP 16  /* keys per transposed panel */
@@ -525,14 +527,15 @@ static void flash_pack_keys(const float *k, int64_t k_t, int64_t D, int64_t tn, 
 void pml_flash_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                          int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
                          int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
-                         int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
+                         int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, int64_t causal, float scale,
+                         int threads) {
   const int64_t row_blocks = (G + FR - 1) / FR;
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
     float *qp = (float *)malloc(sizeof(float) * FR * D);       /* the task's rows, packed [group][D][FQ] */
     float *kp = (float *)malloc(sizeof(float) * FK * D);       /* a key block, transposed [panel][D][FP] */
     float *s = (float *)malloc(sizeof(float) * FR * FK);       /* scores, then weights, [row][FK] */
     float m[FR], l[FR], alpha[FR];
-    _Pragma("omp for schedule(static)") for (int64_t task = 0; task < B * KV * row_blocks; ++task) {
+    _Pragma("omp for schedule(static, 1)") for (int64_t task = 0; task < B * KV * row_blocks; ++task) {
       const int64_t bh = task / row_blocks, b = bh / KV, h = bh % KV, g0 = (task % row_blocks) * FR;
       const int64_t gn = G - g0 < FR ? G - g0 : FR;
       const float *qh = q + (bh * G + g0) * D, *kh = k + b * k_b + h * k_h, *vh = v + b * v_b + h * v_h;
@@ -543,8 +546,14 @@ void pml_flash_attention(const float *q, const float *k, const float *v, const f
             qp[r0 * D + d * FQ + r] = qh[(r0 + r < gn ? r0 + r : gn - 1) * D + d];
       memset(oh, 0, sizeof(float) * gn * D);
       for (int64_t r = 0; r < gn; ++r) m[r] = -INFINITY, l[r] = 0.f;
-      for (int64_t t0 = 0; t0 < T; t0 += FK) {
-        const int64_t tn = T - t0 < FK ? T - t0 : FK;
+      int64_t t_end = T; /* causal: past the last key any row of the task sees, nothing is read */
+      if (causal) {
+        int64_t last = 0;
+        for (int64_t r = 0; r < gn; ++r) last = (g0 + r) % causal > last ? (g0 + r) % causal : last;
+        t_end = T - causal + last + 1;
+      }
+      for (int64_t t0 = 0; t0 < t_end; t0 += FK) {
+        const int64_t tn = t_end - t0 < FK ? t_end - t0 : FK;
         flash_pack_keys(kh + t0 * k_t, k_t, D, tn, kp);
         for (int64_t j = 0; j < tn; j += FP)
           for (int64_t r0 = 0; r0 < gn; r0 += FQ)
@@ -552,6 +561,10 @@ void pml_flash_attention(const float *q, const float *k, const float *v, const f
                      s + r0 * FK + j);
         for (int64_t r = 0; r < gn; ++r) {
           const float *mr = mask ? mask + b * m_b + h * m_h + ((g0 + r) % m_period) * m_g + t0 : NULL;
+          if (causal) /* keys past row r's own token: -inf, weight 0 */
+            for (int64_t j = T - causal + (g0 + r) % causal + 1 - t0 > 0 ? T - causal + (g0 + r) % causal + 1 - t0 : 0;
+                 j < tn; ++j)
+              s[r * FK + j] = -INFINITY;
           const float mx = masked_max(s + r * FK, mr, tn), m_new = mx > m[r] ? mx : m[r];
           const float ref = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
           alpha[r] = expf(m[r] - ref);

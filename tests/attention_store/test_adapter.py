@@ -162,7 +162,7 @@ def test_many_grouped_rows_equal_transformers_sdpa(arch, kernels_on, monkeypatch
 
     calls = []
     flash = ops.flash_attention
-    monkeypatch.setattr(ops, "flash_attention", lambda *a: calls.append(a[0].shape) or flash(*a))
+    monkeypatch.setattr(ops, "flash_attention", lambda *a, **k: calls.append(a[0].shape) or flash(*a, **k))
     config = tiny_config(arch)
     config.head_dim = 32
     if arch == "gemma3":
@@ -188,6 +188,31 @@ def test_many_grouped_rows_equal_transformers_sdpa(arch, kernels_on, monkeypatch
         ran = ran if impl == "sdpa" else len(calls)  # flash calls of our attention's 20-token forward
     torch.testing.assert_close(out[adapter.ATTENTION], out["sdpa"], atol=1e-5, rtol=1e-5)
     assert ran == (config.num_hidden_layers if kernels_on and kernels.active() else 0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_a_prefill_without_cache_runs_the_flash_kernel_causally(arch, monkeypatch):
+    # No cache, no mask: transformers would run SDPA's is_causal; with the kernels in use the flash
+    # kernel runs it (the full-prefill baseline gets what the cached path gets). Logits as sdpa's.
+    from transformers import AutoModelForCausalLM
+
+    from attention_store import kernels
+    from attention_store.kernels import ops
+    from prompt_cache.tiny import tiny_config
+
+    calls = []
+    flash = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a, **k: calls.append(k) or flash(*a, **k))
+    config = tiny_config(arch)
+    config.head_dim = 32
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ids = torch.randint(3, 200, (40,))
+    want = adapter.forward(model, ids, torch.arange(40), adapter.new_cache(), None)
+    adapter.use_fast_attention(model)
+    got = adapter.forward(model, ids, torch.arange(40), adapter.new_cache(), None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls == ([{"causal": 40}] * config.num_hidden_layers if kernels.active() else [])
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "gemma3"])

@@ -131,6 +131,25 @@ def test_attention_kernels_equal_sdpa(kernel, g, t, d, mask_kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("q,t,groups", [(300, 300, 3), (7, 7, 5), (39, 300, 3), (130, 131, 2)])
+def test_causal_flash_attention_equals_a_causal_mask(q, t, groups):
+    """`causal=q`: each of the q new tokens (the last q keys) sees the keys up to its own, in every
+    head of the group; as SDPA with that mask written out, and as `is_causal` when t == q."""
+    d = 64
+    rows, key, value = torch.randn(1, 2, groups * q, d), torch.randn(1, 2, t, d), torch.randn(1, 2, t, d)
+    allowed = torch.ones(q, t, dtype=torch.bool)
+    allowed[:, t - q:] = torch.ones(q, q, dtype=torch.bool).tril()
+    full = _additive(~allowed)[None, None].repeat(1, 1, groups, 1)
+    got = ops.flash_attention(rows, key, value, None, d ** -0.5, causal=q)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(rows, key, value, attn_mask=full, scale=d ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+    if t == q:
+        heads = rows.reshape(1, 2 * groups, q, d)  # row g*q + i of head kv is query head kv*groups + g
+        want = F.scaled_dot_product_attention(heads, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1),
+                                              is_causal=True, scale=d ** -0.5)
+        torch.testing.assert_close(got, want.reshape(rows.shape), rtol=1e-5, atol=1e-5)
+
+
 def test_flash_attention_is_the_same_for_any_thread_count():
     rows, key, value = torch.randn(1, 3, 130, 64), torch.randn(1, 3, 400, 64), torch.randn(1, 3, 400, 64)
     before = torch.get_num_threads()
