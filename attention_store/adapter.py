@@ -18,7 +18,6 @@ layer keeps all keys and the mask does the windowing.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -170,17 +169,11 @@ class BufferedLayer(DynamicLayer):
 
     @classmethod
     def from_parts(cls, key_parts: list[torch.Tensor], value_parts: list[torch.Tensor], reserve: int,
-                   dtype: torch.dtype, device, buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> "BufferedLayer":
-        """One layer holding the concatenation of `*_parts` (copied straight into the buffer), in
-        fresh buffers or in `buffers` (keys, values: `part_shape(key_parts, reserve)`, on `device`)."""
+                   dtype: torch.dtype, device) -> "BufferedLayer":
+        """One layer holding the concatenation of `*_parts` (copied straight into the buffer)."""
         layer = cls(reserve)
         n = sum(k.shape[-2] for k in key_parts)
-        if buffers is None:
-            layer._allocate(key_parts[0], n + reserve, dtype, device)
-        else:
-            layer._k, layer._v = buffers
-            layer.dtype, layer.device, layer.is_initialized = dtype, torch.device(device), True
+        layer._allocate(key_parts[0], n + reserve, dtype, device)
         at = 0
         for k, v in zip(key_parts, value_parts, strict=True):
             m = k.shape[-2]
@@ -279,28 +272,10 @@ def buffered_cache(key_parts: list[list[torch.Tensor]], value_parts: list[list[t
                    dtype: torch.dtype, devices: list) -> DynamicCache:
     """A cache of `BufferedLayer`s, layer i the concatenation of `key_parts[i]` (one copy, into the buffer)."""
     cache = new_cache(reserve=reserve)
-    buffers = _cpu_buffers(key_parts, reserve, dtype, devices)
-    cache.layers = [BufferedLayer.from_parts(k, v, reserve, dtype, d, b)
-                    for k, v, d, b in zip(key_parts, value_parts, devices, buffers, strict=True)]
+    cache.layers = [BufferedLayer.from_parts(k, v, reserve, dtype, d)
+                    for k, v, d in zip(key_parts, value_parts, devices, strict=True)]
     return cache
 
-
-def _cpu_buffers(key_parts: list[list[torch.Tensor]], reserve: int, dtype: torch.dtype, devices: list) -> list:
-    """Key and value buffers for the CPU layers as views of one huge-page backed allocation (None
-    for other devices). Per layer, a buffer is about 3 MiB at 4,000 tokens (smollm2-135m), below
-    `buffers.HUGE_MIN_BYTES`: 60 separate ones were 4 KiB pages, about 45,000 first-touch faults in
-    a fresh process; one allocation of them all faults once per 2 MiB."""
-    shapes = [(*k[0].shape[:-2], sum(p.shape[-2] for p in k) + reserve, k[0].shape[-1]) if torch.device(d).type == "cpu"
-              else None for k, d in zip(key_parts, devices, strict=True)]
-    sizes = [0 if s is None else math.prod(s) for s in shapes]
-    slab, at, out = empty_tensor((2 * sum(sizes),), dtype), 0, []
-    for shape, size in zip(shapes, sizes):
-        if shape is None:
-            out.append(None)
-            continue
-        out.append((slab[at:at + size].view(shape), slab[at + size:at + 2 * size].view(shape)))
-        at += 2 * size
-    return out
 
 
 def cache_kv(cache: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:

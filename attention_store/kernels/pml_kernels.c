@@ -101,7 +101,8 @@ static inline void q8_0_vectors(const q8_0_block *b, __m256 *w) {
         for (int j = 0; j < 4; ++j)                                                                 \
           a[r][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[r] + QK * i + 8 * j), a[r][j]);        \
     }                                                                                               \
-    for (int r = 0; r < rows; ++r) y[r * y_stride] = hsum4(a[r][0], a[r][1], a[r][2], a[r][3]);     \
+    for (int r = 0; r < MR; ++r) /* the constant bound keeps `a` in registers */                    \
+      if (r < rows) y[r * y_stride] = hsum4(a[r][0], a[r][1], a[r][2], a[r][3]);                    \
   }                                                                                                 \
   static inline float dot_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t nb) {              \
     __m256 a[4], w[4];                                                                              \
