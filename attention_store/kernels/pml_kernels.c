@@ -24,6 +24,9 @@
 #endif
 
 #define QK 32 /* weights per block, both formats */
+/* Loops over register tiles: unrolled before GCC splits the accumulator arrays into registers
+ * (otherwise it keeps a copy of them in memory, stored every iteration). */
+#define UNROLL _Pragma("GCC unroll 16")
 #define MR 8 /* input rows a weight row is expanded once for (8: a packed batch of 8 in one pass) */
 
 typedef struct { float d, m; uint8_t qs[16]; } q4_1_block;  /* qs[j]: weight j low nibble, j+16 high */
@@ -116,6 +119,68 @@ static inline void q8_0_vectors(const q8_0_block *b, __m256 *w) {
 DOT_ROWS(q4_1_vectors, q4_1_block)
 DOT_ROWS(q8_0_vectors, q8_0_block)
 
+#ifdef __AVX512F__
+/* Several input rows with 16-lane vectors: lanes 0-7 and 8-15 of w[0] are the 8-lane form's w[0]
+ * and w[1], of w[1] its w[2] and w[3], and FMAs act per lane, so every row's sums are bitwise
+ * those of `dot_` (and of one row alone); half the instructions, and 8 rows' accumulators fit
+ * the 32 registers (the 8-lane form needs 32 for them alone). */
+static inline void q4_1_vectors16(const q4_1_block *b, __m512 *w) {
+  const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  const __m512 d = _mm512_set1_ps(b->d), m = _mm512_set1_ps(b->m);
+  w[0] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), m);
+  w[1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), m);
+}
+
+static inline void q8_0_vectors16(const q8_0_block *b, __m512 *w) {
+  const __m512 d = _mm512_set1_ps(b->d);
+  w[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b->qs))));
+  w[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 16)))));
+}
+
+static inline __m256 high256(__m512 a) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)); }
+
+#define DOT_ROWS16(VECTORS, BLOCK_T, R)                                                             \
+  static inline void dotm##R##_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb, \
+                                         int rows, float *y, int64_t y_stride) {                    \
+    const float *xr[R];                                                                             \
+    UNROLL for (int r = 0; r < R; ++r) xr[r] = x + (r < rows ? r : rows - 1) * n_in;                \
+    __m512 a[R][2], w[2];                                                                           \
+    UNROLL for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();                     \
+    for (int64_t i = 0; i < nb; ++i) {                                                              \
+      VECTORS(row + i, w);                                                                          \
+      UNROLL for (int r = 0; r < R; ++r) {                                                          \
+        a[r][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr[r] + QK * i), a[r][0]);                  \
+        a[r][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr[r] + QK * i + 16), a[r][1]);             \
+      }                                                                                             \
+    }                                                                                               \
+    UNROLL for (int r = 0; r < R; ++r)                                                              \
+      if (r < rows)                                                                                 \
+        y[r * y_stride] = hsum4(_mm512_castps512_ps256(a[r][0]), high256(a[r][0]),                  \
+                                _mm512_castps512_ps256(a[r][1]), high256(a[r][1]));                 \
+  }
+DOT_ROWS16(q4_1_vectors16, q4_1_block, 4)
+DOT_ROWS16(q4_1_vectors16, q4_1_block, 8)
+DOT_ROWS16(q8_0_vectors16, q8_0_block, 4)
+DOT_ROWS16(q8_0_vectors16, q8_0_block, 8)
+/* rows (<= MR) input rows: a tile of 4 when that is enough (2-4 rows: speculative checks). */
+#define ROWS_OF(BLOCK_T)                                                                            \
+  static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+                                    int rows, float *y, int64_t y_stride) {                         \
+    if (rows <= 4)                                                                                  \
+      dotm4_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                         \
+    else                                                                                            \
+      dotm8_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                         \
+  }
+#else
+#define ROWS_OF(BLOCK_T)                                                                            \
+  static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+                                    int rows, float *y, int64_t y_stride) {                         \
+    dotm_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                            \
+  }
+#endif
+
 #else /* plain C: the same summation order (32 lanes, then the same tree) */
 static inline float reduce32(const float *acc) {
   float s[8], h[4];
@@ -138,7 +203,14 @@ static inline float reduce32(const float *acc) {
   }
 DOT_ROWS(q4_1_values, q4_1_block)
 DOT_ROWS(q8_0_values, q8_0_block)
+#define ROWS_OF(BLOCK_T)                                                                            \
+  static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+                                    int rows, float *y, int64_t y_stride) {                         \
+    dotm_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                            \
+  }
 #endif
+ROWS_OF(q4_1_block)
+ROWS_OF(q8_0_block)
 
 /* ---- y[r, n] = sum_k W[n, k] x[r, k] (+ bias[n]) --------------------------------------------- */
 /* W: n_out rows of n_in / 32 blocks. x: rows x n_in, y: rows x n_out, both contiguous. Each
@@ -155,7 +227,7 @@ DOT_ROWS(q8_0_values, q8_0_block)
         y[n] = dot_##BLOCK_T(row, x, nb);                                                           \
       } else {                                                                                      \
         for (int64_t r0 = 0; r0 < rows; r0 += MR)                                                   \
-          dotm_##BLOCK_T(row, x + r0 * n_in, n_in, nb, rows - r0 < MR ? (int)(rows - r0) : MR,      \
+          rows_##BLOCK_T(row, x + r0 * n_in, n_in, nb, rows - r0 < MR ? (int)(rows - r0) : MR,      \
                          y + r0 * n_out + n, n_out);                                                \
       }                                                                                             \
       if (bias)                                                                                     \
@@ -411,9 +483,6 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
 #define FV 2
 #endif
 #define FR 120 /* query rows per task: a multiple of FQ and FV */
-/* Unrolled before GCC splits the accumulator arrays into registers (otherwise it keeps a copy of
- * them in memory, stored every iteration). */
-#define UNROLL _Pragma("GCC unroll 16")
 
 /* s[r][0 .. FP) = scale * q_r . k_j for the rows of one packed group (qp: [D][FQ], rows past rn
  * repeat the last) and one key panel (kp: [D][FP]); rows r < rn stored, row stride FK. */

@@ -51,15 +51,16 @@ def test_blocks_expand_exactly_as_gguf_py_dequantizes(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-def test_matvec_equals_linear_and_each_row_is_the_same_alone_or_batched(fmt):
+@pytest.mark.parametrize("n", [2, 4, 7, 8, 13])  # tiles of 4 and 8 rows, full and partial, and several tiles
+def test_matvec_equals_linear_and_each_row_is_the_same_alone_or_batched(fmt, n):
     blocks = packed.repack(fmt, gguf_blocks(fmt, 40, 128, seed=1))
     weight, bias = ops.dequantize(fmt, blocks), torch.randn(40)
-    x = torch.randn(7, 128)  # 7 rows: one group of 4 and one of 3
+    x = torch.randn(n, 128)
     y = ops.matvec(fmt, blocks, x, 40, bias)
     torch.testing.assert_close(y, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    for r in range(7):  # summation order does not depend on the batch: bitwise equal
+    for r in range(n):  # summation order does not depend on the batch: bitwise equal
         assert torch.equal(ops.matvec(fmt, blocks, x[r:r + 1], 40, bias), y[r:r + 1])
-    assert ops.matvec(fmt, blocks, x.reshape(7, 1, 128), 40).shape == (7, 1, 40)
+    assert ops.matvec(fmt, blocks, x.reshape(n, 1, 128), 40).shape == (n, 1, 40)
 
 
 def test_matvec_is_the_same_for_any_thread_count():
