@@ -10,8 +10,9 @@ prototype (one pass over K, a softmax, one pass over V), compiled with
 Then the weight matmuls of a step: the projections one by one against QKV and gate/up fused.
 Then this library's C kernels (`attention_store.kernels`, when they build): `decode_attention` and
 `flash_attention` for the 3 rows of a decode step, the 24 of a packed batch of 8, 48, the 117 of a
-39-token prefill and the 480 of a packed batch's prefill, beside flash SDPA, and the 211
-packed-weight products of a smollm2-135m step for 1 and 8 input rows beside `F.linear` on the
+39-token prefill and the 480 of a packed batch's prefill, beside flash SDPA, a 4,039-token causal
+prefill without cache beside SDPA's is_causal, and the 211
+packed-weight products of a smollm2-135m step for 1, 4 and 8 input rows beside `F.linear` on the
 fp32 weights (loads the model).
 
     python scripts/probes/decode_kernels.py [--cpp]
@@ -145,9 +146,14 @@ def library_kernels(ks, vs) -> None:
         f = _setup.median_ms(lambda: [F.scaled_dot_product_attention(q, k, v, scale=0.125) for k, v in zip(ks, vs)], 7)
         used = "decode" if rows <= kernels.DECODE_ROWS else "flash"
         print(f"  {rows:3d} query rows per K/V head: C decode {c:6.1f}   C flash {fl:6.1f}   SDPA {f:6.1f}   (runs: {used})")
+    # A prefill with no cache (the full-prefill baseline, module encoding): causal, one layer.
+    q9, k, v = torch.randn(1, KV * G, T, D), ks[0], vs[0]
+    fl = _setup.median_ms(lambda: ops.flash_attention(q9.reshape(1, KV, G * T, D), k, v, None, 0.125, causal=T), 3)
+    f = _setup.median_ms(lambda: F.scaled_dot_product_attention(q9, k, v, is_causal=True, scale=0.125, enable_gqa=True), 3)
+    print(f"  {T}-token prefill, no cache (causal), one layer: C flash {fl:6.1f}   SDPA is_causal {f:6.1f}")
     layers = [m for m in load_model("smollm2-135m").model.modules() if isinstance(m, PackedLinear)]
     print(f"weight products of one step ({len(layers)} layers), ms:")
-    for rows in (1, 8):
+    for rows in (1, 4, 8):
         xs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
         packed = _setup.median_ms(lambda: [ops.matvec(m.fmt, m.blocks, xs[m.in_features], m.out_features) for m in layers], 7)
         dense = _setup.median_ms(lambda: [F.linear(xs[m.in_features], m.weight) for m in layers], 7)
