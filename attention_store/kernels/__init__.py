@@ -54,8 +54,9 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 BLOCK_WEIGHTS = 32  # weights per block in Q4_1 and Q8_0
 # Query rows per key/value head up to which attention runs `decode_attention` (one pass over K and
 # V); more rows run `flash_attention` (key blocks, online softmax). With each layer's K/V cold, as
-# in a real step, `python scripts/probes/decode_kernels.py` measured (ms, 30 layers): 3 rows 14.1
-# vs 32.6, 24 rows 42.1 vs 49.8, 48 rows 86.7 vs 85.4, 117 rows 213.8 vs 162.0 (SDPA 186.3).
+# in a real step, `python scripts/probes/decode_kernels.py` measured (ms, 30 layers, two runs):
+# 3 rows 14.1 vs 32.6 and 16.3 vs 38.5; 24 rows (a packed batch's step) 42.1 vs 49.8 and 61.7 vs
+# 57.2 (even); 48 rows 86.7 vs 85.4 and 99.9 vs 77.4; 117 rows 213.8 vs 162.0 and 221.3 vs 156.6.
 DECODE_ROWS = 32
 BLOCK_BYTES = {"q4_1": 24, "q8_0": 36}  # a block as laid out here (fp32 scales); checked against the library
 
