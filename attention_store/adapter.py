@@ -277,7 +277,6 @@ def buffered_cache(key_parts: list[list[torch.Tensor]], value_parts: list[list[t
     return cache
 
 
-
 def cache_kv(cache: DynamicCache) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Per-layer keys and values of a cache, each `[1, kv_heads, seq, head_dim]`."""
     return tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers)
@@ -307,12 +306,19 @@ _last_mask = threading.local()  # .pair: (weak reference to a bool mask, its add
 
 
 def _additive_once(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`_fill(mask)` of transformers' bool mask, computed once per forward: every layer is handed
-    the same mask object (11 ms a forward of 39 tokens over 4,000 when converted per layer)."""
+    """`_fill(mask)` of transformers' bool mask, computed once per forward rather than once per
+    layer: every layer is handed the same mask object. The additive form is dropped with the mask
+    (it is 4 bytes a key and query, so a large prefill's would otherwise stay alive)."""
     ref, done = getattr(_last_mask, "pair", (None, None))
     if ref is None or ref() is not mask or done.dtype != dtype:
         done = _fill(mask, dtype)
-        _last_mask.pair = (weakref.ref(mask), done)
+        slot = _last_mask.__dict__
+
+        def drop(dead, slot=slot):  # the mask died: forget its additive form (unless a newer one took the slot)
+            if slot.get("pair", (None,))[0] is dead:
+                del slot["pair"]
+
+        slot["pair"] = (weakref.ref(mask, drop), done)
     return done
 
 

@@ -10,6 +10,9 @@ import torch
 from attention_store import kernels
 
 
+FLASH_DIM = 32  # flash_attention's head dims are multiples of this (its output tile)
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -61,9 +64,6 @@ def flash_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     assert rows.shape[-1] % FLASH_DIM == 0, f"head dim {rows.shape[-1]} is not a multiple of {FLASH_DIM}"
     assert 0 <= causal <= key.shape[-2] and (causal == 0 or rows.shape[-2] % causal == 0)
     return _attention(kernels.library().pml_flash_attention, rows, key, value, mask, scale, causal)
-
-
-FLASH_DIM = 32  # flash_attention's head dims are multiples of this (its output tile)
 
 
 def _attention(fn, rows, key, value, mask, scale, *extra) -> torch.Tensor:

@@ -67,11 +67,17 @@ static inline float hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   return _mm_cvtss_f32(h);
 }
 
-/* 32 weights of a Q4_1 block as four vectors of 8 (weights 0-7, 8-15, 16-23, 24-31). */
-static inline void q4_1_vectors(const q4_1_block *b, __m256 *w) {
+/* The 16 bytes of a Q4_1 block split into its quants: lo[j] = weight j, hi[j] = weight j + 16. */
+static inline void q4_1_nibbles(const q4_1_block *b, __m128i *lo, __m128i *hi) {
   const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
   const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  *lo = _mm_and_si128(raw, mask), *hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+}
+
+/* 32 weights of a Q4_1 block as four vectors of 8 (weights 0-7, 8-15, 16-23, 24-31). */
+static inline void q4_1_vectors(const q4_1_block *b, __m256 *w) {
+  __m128i lo, hi;
+  q4_1_nibbles(b, &lo, &hi);
   const __m256 d = _mm256_set1_ps(b->d), m = _mm256_set1_ps(b->m);
   w[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
   w[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
@@ -125,9 +131,8 @@ DOT_ROWS(q8_0_vectors, q8_0_block)
  * those of `dot_` (and of one row alone); half the instructions, and 8 rows' accumulators fit
  * the 32 registers (the 8-lane form needs 32 for them alone). */
 static inline void q4_1_vectors16(const q4_1_block *b, __m512 *w) {
-  const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  __m128i lo, hi;
+  q4_1_nibbles(b, &lo, &hi);
   const __m512 d = _mm512_set1_ps(b->d), m = _mm512_set1_ps(b->m);
   w[0] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), m);
   w[1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), m);
@@ -164,21 +169,6 @@ DOT_ROWS16(q4_1_vectors16, q4_1_block, 4)
 DOT_ROWS16(q4_1_vectors16, q4_1_block, 8)
 DOT_ROWS16(q8_0_vectors16, q8_0_block, 4)
 DOT_ROWS16(q8_0_vectors16, q8_0_block, 8)
-/* rows (<= MR) input rows: a tile of 4 when that is enough (2-4 rows: speculative checks). */
-#define ROWS_OF(BLOCK_T)                                                                            \
-  static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
-                                    int rows, float *y, int64_t y_stride) {                         \
-    if (rows <= 4)                                                                                  \
-      dotm4_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                         \
-    else                                                                                            \
-      dotm8_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                         \
-  }
-#else
-#define ROWS_OF(BLOCK_T)                                                                            \
-  static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
-                                    int rows, float *y, int64_t y_stride) {                         \
-    dotm_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                            \
-  }
 #endif
 
 #else /* plain C: the same summation order (32 lanes, then the same tree) */
@@ -203,6 +193,17 @@ static inline float reduce32(const float *acc) {
   }
 DOT_ROWS(q4_1_values, q4_1_block)
 DOT_ROWS(q8_0_values, q8_0_block)
+#endif
+
+/* rows (<= MR) input rows through one weight row: with AVX-512F a tile of 4 when that is enough
+ * (2-4 rows: speculative checks), else 8; otherwise the 8-lane (or plain C) `dotm_`. */
+#if defined(PML_AVX2) && defined(__AVX512F__)
+#define ROWS_OF(BLOCK_T)                                                                            \
+  static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
+                                    int rows, float *y, int64_t y_stride) {                         \
+    (rows <= 4 ? dotm4_##BLOCK_T : dotm8_##BLOCK_T)(row, x, n_in, nb, rows, y, y_stride);           \
+  }
+#else
 #define ROWS_OF(BLOCK_T)                                                                            \
   static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
                                     int rows, float *y, int64_t y_stride) {                         \

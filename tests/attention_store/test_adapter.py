@@ -1,5 +1,7 @@
 """The adapter on its own: masks from `allowed`, windows by position, caches that adopt tensors."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -182,7 +184,7 @@ def test_many_grouped_rows_equal_transformers_sdpa(arch, kernels_on, monkeypatch
         cache = adapter.new_cache()
         adapter.forward(model, torch.arange(3, 15), pos, cache, None)
         calls.clear()
-        with kernels.disabled() if not kernels_on else torch.inference_mode():
+        with kernels.disabled() if not kernels_on else contextlib.nullcontext():
             out[impl] = adapter.forward(model, torch.arange(40, 60), torch.arange(30, 50), cache, pos,
                                         allowed=allowed)
         ran = ran if impl == "sdpa" else len(calls)  # flash calls of our attention's 20-token forward
@@ -243,3 +245,23 @@ def test_warm_up_runs_on_every_architecture_and_changes_nothing(arch):
     before = adapter.forward(lm.model, ids, pos, adapter.new_cache(), None)
     adapter.warm_up(lm.model)
     torch.testing.assert_close(adapter.forward(lm.model, ids, pos, adapter.new_cache(), None), before, atol=0, rtol=0)
+
+
+def test_a_bool_mask_is_made_additive_once_and_dropped_with_it():
+    # Every layer of a forward gets transformers' same bool mask: converted once, and the additive
+    # form does not outlive the mask.
+    import gc
+
+    mask = torch.rand(1, 1, 5, 9) > 0.3
+    first = adapter._additive_once(mask, torch.float32)
+    assert adapter._additive_once(mask, torch.float32) is first
+    torch.testing.assert_close(first, adapter._fill(mask, torch.float32), atol=0, rtol=0)
+    assert bool((first[~mask] == torch.finfo(torch.float32).min).all()) and bool((first[mask] == 0).all())
+    other = mask.clone()
+    assert adapter._additive_once(other, torch.float32) is not first  # another mask: its own
+    del mask, first
+    gc.collect()
+    assert adapter._last_mask.pair[0]() is other  # the newer mask keeps the slot
+    del other
+    gc.collect()
+    assert getattr(adapter._last_mask, "pair", None) is None

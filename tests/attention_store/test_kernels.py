@@ -247,23 +247,42 @@ def test_kernels_off_and_bad_values(fresh_loader, monkeypatch):
         fresh_loader.mode()
 
 
-def test_the_plain_c_path_equals_torch(tmp_path, monkeypatch):
-    """The source built without -march (no AVX2 on x86-64's baseline): the path CPUs without it take."""
+def _cpu_has(*features: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(feature in flags for feature in features)
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param([], id="plain-c"),  # without -march: x86-64's baseline has no AVX2, the path CPUs without it take
+    pytest.param(["-mavx2", "-mfma", "-mno-avx512f"], id="avx2-without-avx512",  # its own tile sizes
+                 marks=pytest.mark.skipif(not _cpu_has("avx2", "fma"), reason="this CPU has no AVX2/FMA")),
+])
+def test_builds_for_other_cpus_equal_torch(build, tmp_path, monkeypatch):
+    """The source built for CPUs other than this one's -march=native: the plain-C path, and AVX2
+    without AVX-512 (6-row QK and 2-row PV flash tiles, 8-lane multi-row matvecs); the same checks
+    as the native build's tests, on shapes that reach every tile's tails."""
     import ctypes
     import subprocess
 
-    out = tmp_path / "plain.so"
-    flags = [f for f in kernels.FLAGS if not f.startswith("-march")]
+    out = tmp_path / "other.so"
+    flags = [f for f in kernels.FLAGS if not f.startswith("-march")] + build
     subprocess.run([kernels._compiler(), *flags, str(kernels.SOURCE), "-o", str(out), "-lm"], check=True)
     lib = ctypes.CDLL(str(out))
     kernels._declare(lib)
     monkeypatch.setattr(kernels, "_lib", lib)
-    assert lib.pml_kernels_simd() == 0 or kernels.platform.machine() not in ("x86_64", "AMD64")
+    x86 = kernels.platform.machine() in ("x86_64", "AMD64")
+    assert lib.pml_kernels_simd() == (1 if build else 0) or not x86
     for fmt in ("q4_1", "q8_0"):
         blocks = packed.repack(fmt, gguf_blocks(fmt, 12, 64, seed=3))
-        x = torch.randn(5, 64)
-        torch.testing.assert_close(ops.matvec(fmt, blocks, x, 12), F.linear(x, ops.dequantize(fmt, blocks)),
-                                   rtol=1e-5, atol=1e-5)
+        x = torch.randn(11, 64)
+        y = ops.matvec(fmt, blocks, x, 12)
+        torch.testing.assert_close(y, F.linear(x, ops.dequantize(fmt, blocks)), rtol=1e-5, atol=1e-5)
+        for r in range(11):  # bitwise the same alone or batched, in this build too
+            assert torch.equal(ops.matvec(fmt, blocks, x[r:r + 1], 12), y[r:r + 1])
     key, value, rows = torch.randn(1, 2, 21, 16), torch.randn(1, 2, 21, 16), torch.randn(1, 2, 5, 16)
     mask = torch.zeros(1, 1, 5, 21)
     mask[..., 3] = torch.finfo(torch.float32).min
@@ -275,6 +294,10 @@ def test_the_plain_c_path_equals_torch(tmp_path, monkeypatch):
     mask[:, :, :7, :140] = torch.finfo(torch.float32).min
     torch.testing.assert_close(ops.flash_attention(rows, key, value, mask, 0.25),
                                F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25),
+                               rtol=1e-5, atol=1e-5)
+    causal = torch.zeros(130, 150).masked_fill_(~torch.ones(130, 150, dtype=torch.bool).tril(20), torch.finfo(torch.float32).min)
+    torch.testing.assert_close(ops.flash_attention(rows, key, value, None, 0.25, causal=130),
+                               F.scaled_dot_product_attention(rows, key, value, attn_mask=causal, scale=0.25),
                                rtol=1e-5, atol=1e-5)
 
 
