@@ -13,7 +13,7 @@ assembly.
 import argparse
 import math
 
-import _setup  # noqa: F401 (puts the checkout on sys.path)
+import _setup
 
 
 def main() -> None:
@@ -26,14 +26,6 @@ def main() -> None:
 
     from attention_store import adapter
     from attention_store.buffers import empty_tensor
-    from attention_store.store import AttentionStore
-    from attention_store.tiers import MemoryTier
-    from experiments.common import document_pool, exact_text
-    from experiments.data import data_dir
-    from experiments.speed import QUESTION
-    from experiments.workloads import prompt_xml, schema_xml
-    from prompt_cache.engine import PromptCache
-    from prompt_cache.models import load_model
     from prompt_cache.timing import Clock
 
     def one_allocation(key_parts, value_parts, reserve, dtype, devices):
@@ -55,13 +47,8 @@ def main() -> None:
             cache.layers.append(layer)
         return cache
 
-    torch.set_num_threads(1)
-    lm = load_model("smollm2-135m", torch.float32)
-    text, _ = exact_text(lm.tokenizer, document_pool(data_dir(None), lm.tokenizer, args.context), args.context)
-    pc = PromptCache(lm, AttentionStore(MemoryTier(8 << 30), None))
-    pc.add_schema(schema_xml("speed", [text]))
-    pc.encode("speed")
-    s, bound = pc.bind(prompt_xml("speed", 1, QUESTION))
+    pc, _, prompt = _setup.speed_prompt(args.context)  # one torch thread
+    s, bound = pc.bind(prompt)
     ways = {"one buffer per layer": adapter.buffered_cache, "one allocation for all": one_allocation}
     ms = {w: [] for w in ways}
     clock = Clock()

@@ -12,7 +12,7 @@ FLOPs over the machine's matmul throughput; this says which part sits above it.
 
 import argparse
 
-import _setup  # noqa: F401 (puts the checkout on sys.path)
+import _setup
 
 
 def main() -> None:
@@ -26,24 +26,12 @@ def main() -> None:
 
     from attention_store import kernels
     from attention_store.kernels import ops
-    from attention_store.store import AttentionStore
-    from attention_store.tiers import MemoryTier
-    from experiments.common import document_pool, exact_text
-    from experiments.data import data_dir
-    from experiments.speed import QUESTION
-    from experiments.workloads import prompt_xml, schema_xml
     from prompt_cache import generation
-    from prompt_cache.engine import PromptCache
-    from prompt_cache.models import load_model
     from prompt_cache.timing import Clock
 
-    torch.set_num_threads(1)
-    lm = load_model("smollm2-135m", torch.float32)
-    text, _ = exact_text(lm.tokenizer, document_pool(data_dir(None), lm.tokenizer, args.context), args.context)
-    pc = PromptCache(lm, AttentionStore(MemoryTier(8 << 30), None))
-    pc.add_schema(schema_xml("speed", [text]))
-    pc.encode("speed")
-    s, bound = pc.bind(prompt_xml("speed", 1, QUESTION))
+    pc, _, prompt = _setup.speed_prompt(args.context)  # one torch thread
+    lm = pc.lm
+    s, bound = pc.bind(prompt)
     clock = Clock()
     spent = {"attention": 0.0, "linear": 0.0}
 
