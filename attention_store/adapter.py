@@ -171,15 +171,21 @@ class BufferedLayer(DynamicLayer):
     def from_parts(cls, key_parts: list[torch.Tensor], value_parts: list[torch.Tensor], reserve: int,
                    dtype: torch.dtype, device) -> "BufferedLayer":
         """One layer holding the concatenation of `*_parts` (copied straight into the buffer)."""
-        layer = cls(reserve)
-        n = sum(k.shape[-2] for k in key_parts)
-        layer._allocate(key_parts[0], n + reserve, dtype, device)
+        layer = cls.filled(key_parts[0], sum(k.shape[-2] for k in key_parts), reserve, dtype, device)
         at = 0
         for k, v in zip(key_parts, value_parts, strict=True):
             m = k.shape[-2]
             layer._k[:, :, at:at + m].copy_(k)
             layer._v[:, :, at:at + m].copy_(v)
             at += m
+        return layer
+
+    @classmethod
+    def filled(cls, like: torch.Tensor, n: int, reserve: int, dtype: torch.dtype, device) -> "BufferedLayer":
+        """A layer of `n` states (shaped like `like`'s heads and head size) whose buffers the caller
+        fills: `_k`/`_v[:, :, :n]` are uninitialised until then (e.g. a disk entry read into them)."""
+        layer = cls(reserve)
+        layer._allocate(like, n + reserve, dtype, device)
         layer.length = n
         layer._views()
         return layer

@@ -178,13 +178,15 @@ def encode_units(p: EncodePlan, lm, units: list[str], dtype: torch.dtype,
     return entries
 
 
-def lookup(p: EncodePlan, lm, store, dtype: torch.dtype,
-           units: list[str] | None = None) -> tuple[dict[str, KVEntry], list[str]]:
-    """`(found, missing)`: stored entries of `units` (default: all), and the units not in the store."""
+def lookup(p: EncodePlan, lm, store, dtype: torch.dtype, units: list[str] | None = None,
+           defer: bool = False) -> tuple[dict[str, KVEntry], list[str]]:
+    """`(found, missing)`: stored entries of `units` (default: all), and the units not in the store.
+    `defer`: disk hits may be opened `EntryFile`s (`AttentionStore.get`), for an assembly into buffers."""
     found: dict[str, KVEntry] = {}
     missing = []
     for u in p.units if units is None else units:
-        entry, _tier = store.get(unit_key(p, u, lm, dtype), expect=(p.token_ids[p.units[u]], p.positions[p.units[u]]))
+        entry, _tier = store.get(unit_key(p, u, lm, dtype), expect=(p.token_ids[p.units[u]], p.positions[p.units[u]]),
+                                 defer=defer)
         if entry is None:
             missing.append(u)
         else:

@@ -149,13 +149,28 @@ def payload_checksum(tensors: Mapping[str, torch.Tensor], header: str = "") -> s
     damage, not against an attacker who can write the store (token ids and positions are checked
     against the plan separately), and it runs at memory speed: about 11-30 ms for a 176 MiB entry in
     the speed benchmark's profile, where sha256 took 117 ms (docs/RESULTS.md, speed benchmark).
-    Tensors are hashed through their buffers, without a bytes copy.
+    Tensors are hashed through their buffers, without a bytes copy, in name order; a reader that
+    streams a file (`attention_store.direct`) hashes the same pieces in the same order.
     """
-    import xxhash
-
-    h = xxhash.xxh3_128(header.encode())
+    h = checksum_hasher(header)
     for name in sorted(tensors):
         t = tensors[name]
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        hash_tensor_name(h, name, t.dtype, t.shape)
+        hash_tensor_bytes(h, t)
     return h.hexdigest()
+
+
+def checksum_hasher(header: str):
+    """The payload checksum's hash object, started with `header`."""
+    import xxhash
+
+    return xxhash.xxh3_128(header.encode())
+
+
+def hash_tensor_name(h, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+    """What the checksum covers before a tensor's bytes: its name, dtype and shape."""
+    h.update(f"\0{name}\0{dtype}\0{tuple(shape)}\0".encode())
+
+
+def hash_tensor_bytes(h, t: torch.Tensor) -> None:
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

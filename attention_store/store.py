@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from attention_store.direct import EntryFile
 from attention_store.entry import EntryMeta, KVEntry
 from attention_store.errors import StoreError, StoreMismatch
 from attention_store.keys import EntryKey
@@ -37,17 +38,22 @@ class StoreRow(NamedTuple):
 
 
 class AttentionStore:
-    """A memory tier in front of a disk tier (either may be None). Disk hits are promoted into memory."""
+    """A memory tier in front of a disk tier (either may be None). Disk hits are promoted into memory
+    unless `promote_disk_hits` is False (a process that answers one prompt: a copy in memory would
+    never be read again, and `get(..., defer=True)` can then read the file straight into the
+    caller's buffers)."""
 
-    def __init__(self, memory: MemoryTier | None, disk: DiskTier | None):
+    def __init__(self, memory: MemoryTier | None, disk: DiskTier | None, promote_disk_hits: bool = True):
         self.memory = memory
         self.disk = disk
+        self.promote_disk_hits = promote_disk_hits
         self.tiers: tuple[Tier, ...] = tuple(t for t in (memory, disk) if t is not None)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str] | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
                  device: torch.device | str = "cpu", verify_on_load: bool = True,
-                 layer_devices: Sequence[torch.device | str] | None = None) -> AttentionStore:
+                 layer_devices: Sequence[torch.device | str] | None = None,
+               promote_disk_hits: bool = True) -> AttentionStore:
         """A store over disk dir `path` (default `cache_dir()/store`) with a memory tier of the given budget.
 
         `layer_devices`: keep layer i's states on `layer_devices[i]`, the budget then counting per device
@@ -56,21 +62,28 @@ class AttentionStore:
         root = Path(path) if path is not None else default_store_dir()
         return cls(MemoryTier(memory_budget_bytes, device, layer_devices), DiskTier(root, verify_on_load))
 
-    def get(self, key: EntryKey, expect: tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor] | None = None
-            ) -> tuple[KVEntry, str] | tuple[None, None]:
+    def get(self, key: EntryKey, expect: tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor] | None = None,
+            defer: bool = False) -> tuple[KVEntry | EntryFile, str] | tuple[None, None]:
         """`(entry, tier name)` from the first tier that has `key`, or `(None, None)`.
 
         With `expect=(token_ids, positions)`, an entry holding other tokens or positions (a
         self-consistent file with another entry's states) is damage: it is quarantined, and the
         lookup goes on to the next tier and ends in a miss, so the caller recomputes it.
+        `defer=True` (a caller that copies the states into its own buffers once): where a disk hit
+        would not be promoted, it comes back as an opened `EntryFile`, not yet read.
         """
         for tier in self.tiers:
-            entry = tier.get(key)
+            if defer and tier is self.disk and (self.memory is None or not self.promote_disk_hits):
+                entry = self.disk.open(key)
+            else:
+                entry = tier.get(key)
             if entry is not None and expect is not None and not entry.matches(*expect):
                 self.quarantine(key, "its token ids or positions are not the ones its key names")
                 return None, None
             if entry is not None:
-                if tier is self.disk and self.memory is not None:
+                if isinstance(entry, EntryFile):
+                    return entry, tier.name
+                if tier is self.disk and self.memory is not None and self.promote_disk_hits:
                     self.memory.put(entry)
                     entry = self.memory.get(key) or entry  # the copy on the memory tier's device
                 return entry, tier.name
@@ -158,7 +171,8 @@ def store_dir_for(path: str | os.PathLike[str] | None, model_name: str) -> Path:
 
 
 def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = None,
-               layer_devices: Sequence[torch.device | str] | None = None) -> AttentionStore:
+               layer_devices: Sequence[torch.device | str] | None = None,
+               promote_disk_hits: bool = True) -> AttentionStore:
     """A disk-backed store for `lm`: `path`, or a folder per model under the default store folder.
 
     A store folder belongs to one model: `owner.json` names its weights and tokenizer fingerprints,
@@ -171,6 +185,7 @@ def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = No
     `layer_devices` (from `prompt_cache.models.layer_devices`, for a model split across devices)
     keeps each layer's states on its layer's device, with `memory_budget_bytes` per device; without
     it the memory tier sits on the model's first device and assembly moves each layer.
+    `promote_disk_hits=False`: see `AttentionStore` (`pml run` answers one prompt per process).
     """
     root = check_store_dir(store_dir_for(path, lm.name))
     owner = {"model": lm.name, "model_fingerprint": lm.fingerprint,
@@ -181,4 +196,4 @@ def open_store(path: str | Path | None, lm, memory_budget_bytes: int | None = No
     # on that device.
     disk = DiskTier(root, owner=owner)
     disk.remove_stale_temp()
-    return AttentionStore(MemoryTier(budget, lm.model.device, layer_devices), disk)
+    return AttentionStore(MemoryTier(budget, lm.model.device, layer_devices), disk, promote_disk_hits)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from attention_store.buffers import empty_bytes
+from attention_store.dtypes import dtype_name
+from attention_store.direct import EntryFile, TensorInfo
 from attention_store.entry import EntryMeta, KVEntry, payload_checksum
 from attention_store.errors import StoreError
 from attention_store.fileio import publish
@@ -234,9 +236,9 @@ def _read_file(path: Path, limit: int | None = None) -> tuple[np.ndarray, os.sta
         return buf, st
 
 
-def _tensors(buf: np.ndarray, header: dict) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in `buf`, as views of `buf` (our private copy)."""
-    start = 8 + int.from_bytes(buf[:8].tobytes(), "little")
+def _layout(header: dict, start: int, size: int) -> dict[str, TensorInfo]:
+    """Where each tensor of a safetensors file lies (`start`: where its data begins, `size`: the
+    file's bytes), checked against its shape and the file."""
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -246,14 +248,28 @@ def _tensors(buf: np.ndarray, header: dict) -> dict[str, torch.Tensor]:
             raise ValueError(f"tensor {name}: unexpected dtype {info['dtype']}")
         lo, hi = info["data_offsets"]
         shape = tuple(info["shape"])
-        count = 1
-        for d in shape:
-            count *= d
-        if hi - lo != count * dtype.itemsize or start + hi > len(buf) or lo < 0:
+        if hi - lo != _numel(shape) * dtype.itemsize or start + hi > size or lo < 0:
             raise ValueError(f"tensor {name}: offsets {lo}..{hi} do not fit its shape {shape} or the file")
-        t = torch.frombuffer(memoryview(buf), dtype=dtype, count=count, offset=start + lo) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(shape)
+        out[name] = TensorInfo(dtype, shape, start + lo)
     return out
+
+
+def _tensors(buf: np.ndarray, header: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `buf`, as views of `buf` (our private copy)."""
+    out = {}
+    for name, t in _layout(header, 8 + int.from_bytes(buf[:8].tobytes(), "little"), len(buf)).items():
+        count = _numel(t.shape)
+        view = (torch.frombuffer(memoryview(buf), dtype=t.dtype, count=count, offset=t.offset) if count
+                else torch.empty(0, dtype=t.dtype))
+        out[name] = view.reshape(t.shape)
+    return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
 
 
 def _header(data: np.ndarray) -> dict:
@@ -335,18 +351,12 @@ class DiskTier(Tier):
         st = None
         try:
             data, st = _read_file(path)
-            metadata = _header(data).get("__metadata__") or {}
-            if metadata.get("format") in OLD_FILE_FORMATS:
-                log.info("disk tier: %s has the older file format %s; recomputing it", path.name, metadata["format"])
-                self._remove_if_same(path, st)
+            header = _header(data)
+            meta = self._checked_meta(path, header, key, st)
+            if meta is None:
                 return None
-            if metadata.get("format") != FILE_FORMAT:
-                raise ValueError(f"format {metadata.get('format')!r}, expected {FILE_FORMAT!r}")
-            meta = EntryMeta.from_json(metadata["meta"])
-            if meta.key != key:
-                raise ValueError(f"file holds entry {meta.key}, not {key}")
-            tensors = _tensors(data, _header(data))  # views of our private copy of the file
-            if verify and payload_checksum(tensors, _signed(metadata["meta"])) != metadata.get("checksum"):
+            tensors = _tensors(data, header)  # views of our private copy of the file
+            if verify and payload_checksum(tensors, _signed(header["__metadata__"]["meta"])) != header["__metadata__"].get("checksum"):
                 raise ValueError("checksum mismatch (payload or metadata changed)")
             n = sum(1 for name in tensors if name.startswith("k."))
             return KVEntry(meta, tuple(tensors[f"k.{i}"] for i in range(n)), tuple(tensors[f"v.{i}"] for i in range(n)),
@@ -356,6 +366,67 @@ class DiskTier(Tier):
         except MemoryError:  # this machine's state, not the file's: do not set a sound file aside
             raise
         except Exception as exc:  # safetensors raises its own error types for bad headers / truncation
+            self.quarantine(key, f"{type(exc).__name__}: {exc}", _st=st)
+            return None
+
+    def _checked_meta(self, path: Path, header: dict, key: EntryKey, st: os.stat_result) -> EntryMeta | None:
+        """The entry metadata of a file's header; None for an older format (the file is removed, to
+        be recomputed); ValueError for anything else that is not an entry under `key`."""
+        metadata = header.get("__metadata__") or {}
+        if metadata.get("format") in OLD_FILE_FORMATS:
+            log.info("disk tier: %s has the older file format %s; recomputing it", path.name, metadata["format"])
+            self._remove_if_same(path, st)
+            return None
+        if metadata.get("format") != FILE_FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {FILE_FORMAT!r}")
+        meta = EntryMeta.from_json(metadata["meta"])
+        if meta.key != key:
+            raise ValueError(f"file holds entry {meta.key}, not {key}")
+        return meta
+
+    def open(self, key: EntryKey) -> EntryFile | None:
+        """The entry under `key` opened but not read (`attention_store.direct`): its header,
+        metadata and small tensors are read and checked as `get` checks them, its states are read
+        later by `EntryFile.read_into`, straight into the caller's buffers and checksummed there.
+        None on a miss; a damaged header is moved aside and is a miss."""
+        path = self.path(key)
+        if path.parent.is_symlink() or not os.path.lexists(path):
+            return None
+        st, fd = None, -1
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
+            if n > MAX_HEADER_BYTES or 8 + n > st.st_size:
+                raise ValueError(f"header of {n} bytes does not fit the file")
+            head = np.frombuffer(os.pread(fd, 8 + n, 0), dtype=np.uint8)
+            header = _header(head)
+            meta = self._checked_meta(path, header, key, st)
+            if meta is None:
+                os.close(fd)
+                return None
+            layout = _layout(header, 8 + n, st.st_size)
+            small = {}
+            for name in ("token_ids", "positions", "replaceable"):
+                t = layout[name]
+                raw = os.pread(fd, _numel(t.shape) * t.dtype.itemsize, t.offset)
+                small[name] = torch.frombuffer(bytearray(raw), dtype=t.dtype).reshape(t.shape) if raw else torch.empty(0, dtype=t.dtype)
+            opened = EntryFile(meta, small["token_ids"], small["positions"], small["replaceable"], layout,
+                               header["__metadata__"].get("checksum"), _signed(header["__metadata__"]["meta"]), fd,
+                               on_damage=lambda reason: self.quarantine(key, reason, _st=st),
+                               load_entry=lambda: self.get(key))
+            fd = -1  # the EntryFile owns it now
+            _check_layout(opened)
+            return opened
+        except FileNotFoundError:
+            return None
+        except MemoryError:
+            raise
+        except Exception as exc:
+            if fd >= 0:
+                os.close(fd)
             self.quarantine(key, f"{type(exc).__name__}: {exc}", _st=st)
             return None
 
@@ -506,6 +577,29 @@ class DiskTier(Tier):
         if removed:
             log.info("disk tier: removed %d temp file(s) left by killed writers in %s", removed, self.root)
         return removed
+
+
+def _check_layout(f: EntryFile) -> None:
+    """What `KVEntry` checks of its tensors, from an opened file's header: one keys and one values
+    tensor per layer, all `[1, kv_heads, T, head_dim]` of one dtype, and metadata that agrees."""
+    n = f.num_layers
+    names = {*(f"k.{i}" for i in range(n)), *(f"v.{i}" for i in range(n)), "token_ids", "positions", "replaceable"}
+    if not n or set(f.tensors) != names:
+        raise ValueError(f"tensors {sorted(f.tensors)} are not one k.i and v.i per layer plus the token tensors")
+    shape, dtype = f.layer_shape, f.dtype
+    if len(shape) != 4 or shape[0] != 1:
+        raise ValueError(f"keys must be [1, kv_heads, T, head_dim]; got {shape}")
+    for name in names - {"token_ids", "positions", "replaceable"}:
+        if f.tensors[name].shape != shape or f.tensors[name].dtype != dtype:
+            raise ValueError(f"tensor {name}: {f.tensors[name].shape} {f.tensors[name].dtype}, expected {shape} {dtype}")
+    t = shape[2]
+    for name, want in (("token_ids", torch.long), ("positions", torch.long), ("replaceable", torch.bool)):
+        if f.tensors[name].shape != (t,) or f.tensors[name].dtype != want:
+            raise ValueError(f"{name} must be {want} [{t}]")
+    nbytes = 2 * n * _numel(shape) * dtype.itemsize
+    if f.meta.tokens != t or f.meta.dtype != dtype_name(dtype) or f.meta.nbytes != nbytes:
+        raise ValueError(f"metadata (tokens={f.meta.tokens}, dtype={f.meta.dtype}, nbytes={f.meta.nbytes}) does not "
+                         f"match its tensors (T={t}, {dtype_name(dtype)}, {nbytes} bytes)")
 
 
 def _signed(meta_json: str) -> str:

@@ -267,7 +267,7 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="pml: %(message)s", stream=sys.stderr)
 
 
-def _engine(args):
+def _engine(args, promote_disk_hits: bool = True):
     from attention_store.store import open_store
     from prompt_cache.engine import PromptCache
     from prompt_cache.threads import apply_threads
@@ -283,7 +283,7 @@ def _engine(args):
     args.load_ms = clock.ms_since(t)  # reported beside TTFT: what a fresh process pays first
     # Under a device map each layer's states stay on that layer's GPU (memory budget per device).
     devices = layer_devices(lm.model) if args.device_map else None
-    return PromptCache(lm, open_store(args.store, lm, layer_devices=devices),
+    return PromptCache(lm, open_store(args.store, lm, layer_devices=devices, promote_disk_hits=promote_disk_hits),
                        policy=getattr(args, "policy", DEFAULT_POLICY),
                        storage_dtype=getattr(args, "dtype", DEFAULT_STORAGE_DTYPE))
 
@@ -428,7 +428,8 @@ def _print_piece(piece: str) -> None:
 def cmd_run(args) -> int:
     _setup_logging()
     config = _generation_config(args)  # before the model loads: bad values fail first
-    pc = _engine(args)
+    # One prompt per process: a disk hit is read straight into the cache, not copied into memory too.
+    pc = _engine(args, promote_disk_hits=False)
     pc.speculative = _speculative_config(args, pc)
     schema = read_pml(args.schema, Schema)
     pc.add_schema(schema)

@@ -20,6 +20,7 @@ import torch
 
 from attention_store import adapter
 from attention_store.encoder import ROOT, EncodePlan
+from attention_store.direct import EntryFile
 from attention_store.entry import KVEntry
 
 
@@ -116,6 +117,7 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
     if reserve is not None:
         cache, cache_positions = buffered(pieces, reserve, dtype, device)
     elif pieces:
+        pieces = _loaded(pieces)  # views need the states in memory
         n_layers = len(pieces[0][0].keys)
         devices = _per_layer(device, n_layers)
 
@@ -141,18 +143,49 @@ def assemble(layout, p: EncodePlan, bound, entries: dict[str, KVEntry], dtype: t
                      cache_ids.cpu(), cache_spans)
 
 
-def buffered(pieces: list[tuple[KVEntry, int, int]], reserve: int, dtype: torch.dtype,
+def buffered(pieces: list[tuple[KVEntry | EntryFile, int, int]], reserve: int, dtype: torch.dtype,
              device: torch.device | str | Sequence[torch.device | str] = "cpu") -> tuple[object, torch.Tensor]:
     """A cache of preallocated layers holding the `(entry, lo, hi)` runs in order (one copy, straight
-    into buffers with `reserve` free slots), and the runs' positions."""
+    into buffers with `reserve` free slots), and the runs' positions. An opened `EntryFile` (a disk
+    hit, `AttentionStore.get(defer=True)`) is read from its file straight into the buffers where
+    they are on the CPU (`attention_store.direct`), and loaded whole first elsewhere; a damaged one
+    raises `DamagedEntry`."""
     if not pieces:
         return adapter.new_cache(reserve=reserve), torch.zeros(0, dtype=torch.long)
-    n_layers = len(pieces[0][0].keys)
-    part = lambda which, i: [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]  # noqa: E731 (views)
-    cache = adapter.buffered_cache([part("keys", i) for i in range(n_layers)],
-                                   [part("values", i) for i in range(n_layers)], reserve, dtype,
-                                   _per_layer(device, n_layers))
-    return cache, torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
+    devices = _per_layer(device, pieces[0][0].num_layers)
+    positions = torch.cat([e.positions[lo:hi] for e, lo, hi in pieces])
+    if any(d.type != "cpu" for d in devices):
+        pieces = _loaded(pieces)
+    if not any(isinstance(e, EntryFile) for e, _, _ in pieces):
+        part = lambda which, i: [getattr(e, which)[i][:, :, lo:hi] for e, lo, hi in pieces]  # noqa: E731 (views)
+        return adapter.buffered_cache([part("keys", i) for i in range(len(devices))],
+                                      [part("values", i) for i in range(len(devices))], reserve, dtype, devices), positions
+    shape = pieces[0][0].layer_shape if isinstance(pieces[0][0], EntryFile) else tuple(pieces[0][0].keys[0].shape)
+    like = torch.empty((*shape[:2], 0, shape[3]), dtype=dtype)
+    cache = adapter.new_cache(reserve=reserve)
+    cache.layers = [adapter.BufferedLayer.filled(like, positions.numel(), reserve, dtype, d) for d in devices]
+    spans: dict[int, tuple[EntryFile, list[tuple[int, int, int]]]] = {}
+    at = 0
+    for e, lo, hi in pieces:
+        if isinstance(e, EntryFile):
+            spans.setdefault(id(e), (e, []))[1].append((lo, hi, at))
+        else:
+            for layer, k, v in zip(cache.layers, e.keys, e.values, strict=True):
+                layer._k[:, :, at:at + hi - lo].copy_(k[:, :, lo:hi])
+                layer._v[:, :, at:at + hi - lo].copy_(v[:, :, lo:hi])
+        at += hi - lo
+    for f, runs_of_f in spans.values():
+        f.read_into([layer._k for layer in cache.layers], [layer._v for layer in cache.layers], runs_of_f)
+    return cache, positions
+
+
+def _loaded(pieces: list[tuple[KVEntry | EntryFile, int, int]]) -> list[tuple[KVEntry, int, int]]:
+    """`pieces` with every opened `EntryFile` read whole (once each)."""
+    loaded: dict[int, KVEntry] = {}
+    for e, _, _ in pieces:
+        if isinstance(e, EntryFile) and id(e) not in loaded:
+            loaded[id(e)] = e.load()
+    return [(loaded.get(id(e), e), lo, hi) for e, lo, hi in pieces]
 
 
 def _per_layer(device, n_layers: int) -> list[torch.device]:

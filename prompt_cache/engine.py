@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from attention_store import adapter, encoder
+from attention_store.direct import DamagedEntry
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE
 from attention_store.dtypes import storage_dtype as parse_storage_dtype
 from attention_store.entry import KVEntry
@@ -145,8 +146,11 @@ class PromptCache:
         return s, bound
 
     def lookup(self, s: SchemaState, bound: BoundPrompt) -> tuple[dict[str, KVEntry], list[str]]:
-        """Stored entries of the units this prompt reuses, and the units missing from the store."""
-        return encoder.lookup(s.plan, self.lm, self.store, self.storage_dtype, assembler.used_units(s.plan, bound))
+        """Stored entries of the units this prompt reuses, and the units missing from the store.
+        Disk hits a store does not promote come back opened, not read (`attention_store.direct`):
+        `assemble` reads them straight into the cache."""
+        return encoder.lookup(s.plan, self.lm, self.store, self.storage_dtype, assembler.used_units(s.plan, bound),
+                              defer=True)
 
     def encode_missing(self, s: SchemaState, missing: list[str]) -> dict[str, KVEntry]:
         """Encode units missing from the store (and store them)."""
@@ -159,7 +163,14 @@ class PromptCache:
         if entries is None:
             entries, missing = self.lookup(s, bound)
             entries.update(self.encode_missing(s, missing))
-        return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.layer_devices, room)
+        for _ in range(len(entries) + 1):
+            try:
+                return assembler.assemble(s.layout, s.plan, bound, entries, self._model_dtype(), self.layer_devices, room)
+            except DamagedEntry as e:  # found while reading it into the cache; the file is set aside
+                log.warning("%s", e)
+                entries, missing = self.lookup(s, bound)
+                entries.update(self.encode_missing(s, missing))
+        raise RuntimeError("assembly kept finding damaged entries, although each one found is set aside")
 
     def baseline(self, s: SchemaState, bound: BoundPrompt, room: int | None = None) -> assembler.Assembled:
         """The same prompt as one ordinary prefill: contiguous positions from 0, empty cache (with

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from attention_store import encoder
+from attention_store import adapter, encoder
 from attention_store.store import StoreMismatch, open_store
 from prompt_cache.engine import PromptCache
 from prompt_cache.generation import GenerationConfig
@@ -67,7 +67,8 @@ def test_a_store_of_another_model_is_refused_and_left_alone(tmp_path):
     assert (tmp_path / "owner.json").read_text() == owner
 
 
-def test_second_instance_reads_states_from_disk_without_recomputing(lm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("promote", [True, False])  # False: read straight into the cache (`pml run`)
+def test_second_instance_reads_states_from_disk_without_recomputing(lm, tmp_path, monkeypatch, promote):
     first = PromptCache(lm, open_store(tmp_path, lm))
     first.add_schema(SCHEMA)
     report = first.encode("s")
@@ -80,14 +81,19 @@ def test_second_instance_reads_states_from_disk_without_recomputing(lm, tmp_path
     calls = []
     real = encoder.encode_units
     monkeypatch.setattr(encoder, "encode_units", lambda *a, **k: calls.append(a) or real(*a, **k))
-    second = PromptCache(lm, open_store(tmp_path, lm))  # as a new process would: empty memory tier
+    second = PromptCache(lm, open_store(tmp_path, lm, promote_disk_hits=promote))  # as a new process: memory empty
     second.add_schema(SCHEMA)
     got = second.answer(PROMPT, config=GREEDY)
     assert calls == [] and got.token_ids == want.token_ids
     assert got.usage.cached_tokens == want.usage.cached_tokens > 0
+    assert (len(second.store.memory) > 0) == promote
+    s, bound = second.bind(PROMPT)
+    for a, b in zip(*(adapter.cache_kv(pc.assemble(s, bound, room=4).cache) for pc in (first, second))):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same states, bit for bit
 
 
-def test_corrupted_store_file_is_detected_and_recomputed(lm, tmp_path, caplog):
+@pytest.mark.parametrize("promote", [True, False])
+def test_corrupted_store_file_is_detected_and_recomputed(lm, tmp_path, caplog, promote):
     pc = PromptCache(lm, open_store(tmp_path, lm))
     pc.add_schema(SCHEMA)
     pc.encode("s")
@@ -96,12 +102,20 @@ def test_corrupted_store_file_is_detected_and_recomputed(lm, tmp_path, caplog):
         data = bytearray(f.read_bytes())
         data[-20:] = bytes(20)  # zero the tail of the payload
         f.write_bytes(bytes(data))
-    fresh = PromptCache(lm, open_store(tmp_path, lm))
+    fresh = PromptCache(lm, open_store(tmp_path, lm, promote_disk_hits=promote))
     fresh.add_schema(SCHEMA)
     with caplog.at_level(logging.WARNING):
         got = fresh.answer(PROMPT, config=GREEDY)
     assert got.token_ids == want.token_ids
-    assert any("corrupt" in r.message.lower() or "checksum" in r.message.lower() for r in caplog.records)
+    damaged = [r for r in caplog.records if "damaged" in r.message and "checksum" in r.message]
+    assert damaged and len(list((tmp_path / "corrupt").glob("*.safetensors"))) == len(damaged)  # set aside once
+    assert any("while being read" in r.message for r in caplog.records) == (not promote)  # found in assembly
+    caplog.clear()
+    again = PromptCache(lm, open_store(tmp_path, lm, promote_disk_hits=promote))  # recomputed ones were stored
+    again.add_schema(SCHEMA)
+    with caplog.at_level(logging.WARNING):
+        assert again.answer(PROMPT, config=GREEDY).token_ids == want.token_ids
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_states_in_storage_dtypes_round_trip(lm, tmp_path):
