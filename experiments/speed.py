@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             (out / "speed_prompt.pml").write_text(prompt)
             cli_rows = speed_extras.cli_runs(args.model, out / "speed.pml", out / "speed_prompt.pml", store_dir,
                                              torch.get_num_threads(), max(3, args.repeats), progress=lambda row: print(
-                                                 f"  pml run {row['mode']:6s} TTFT {row['ttft_ms']:9.1f} ms, load "
+                                                 f"  pml run {row['mode']:6s} TTFT {row['ttft_ms']:9.1f} ms (cache "
+                                                 f"{row['cache_ms']:.0f} ms, prefill {row['prefill_ms']:.0f} ms), load "
                                                  f"{row['load_ms']:.0f} ms, process {row['process_ms']:.0f} ms", flush=True))
         limit = speed_extras.physical_limit(lm, fresh, args.context)  # under the same conditions
         decode = speed_extras.decode_compare(pc, prompt, args.decode_tokens, max(3, args.repeats)) if args.decode_tokens else None

@@ -80,8 +80,9 @@ def cli_runs(model: str, schema: Path, prompt: Path, store: Path, threads: int, 
             if done.returncode != 0:
                 raise RuntimeError(f"pml run failed ({done.returncode}): {done.stderr.strip()[-500:]}")
             out = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append({"mode": mode, "repeat": r, "ttft_ms": out["timing"]["ttft_ms"], "load_ms": out["load_ms"],
-                         "process_ms": wall, "cached_tokens": out["usage"]["cached_tokens"]})
+            rows.append({"mode": mode, "repeat": r, "ttft_ms": out["timing"]["ttft_ms"],
+                         "cache_ms": out["timing"]["cache_ms"], "prefill_ms": out["timing"]["prefill_ms"],
+                         "load_ms": out["load_ms"], "process_ms": wall, "cached_tokens": out["usage"]["cached_tokens"]})
             if progress is not None:
                 progress(rows[-1])
     return rows
@@ -93,7 +94,7 @@ def cli_summary(rows: list[dict]) -> tuple[list[dict], float]:
     for mode in ("full", "cached"):
         got = [r for r in rows if r["mode"] == mode]
         table.append({"mode": mode, "repeats": len(got),
-                      **{f"{k}_median": statistics.median(r[k] for r in got) for k in ("ttft_ms", "load_ms", "process_ms")}})
+                      **{f"{k}_median": statistics.median(r[k] for r in got) for k in ("ttft_ms", "cache_ms", "prefill_ms", "load_ms", "process_ms")}})
     return table, table[0]["ttft_ms_median"] / table[1]["ttft_ms_median"]
 
 
