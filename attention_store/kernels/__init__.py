@@ -58,6 +58,7 @@ BLOCK_WEIGHTS = 32  # weights per block in Q4_1 and Q8_0
 # 3 rows 14.1 vs 32.6 and 16.3 vs 38.5; 24 rows (a packed batch's step) 42.1 vs 49.8 and 61.7 vs
 # 57.2 (even); 48 rows 86.7 vs 85.4 and 99.9 vs 77.4; 117 rows 213.8 vs 162.0 and 221.3 vs 156.6.
 DECODE_ROWS = 32
+SIMD_NAMES = {0: "off", 1: "AVX2", 2: "AVX2 + AVX-512"}  # pml_kernels_simd()
 BLOCK_BYTES = {"q4_1": 24, "q8_0": 36}  # a block as laid out here (fp32 scales); checked against the library
 
 _lock = threading.Lock()
@@ -159,7 +160,7 @@ def library() -> ctypes.CDLL | None:
             log.warning("%s; decoding uses torch's kernels (slower, same results up to summation order)", _why_not)
             return None
         _lib = lib
-        log.info("decode kernels: %s (SIMD %s)", path.name, "AVX2" if lib.pml_kernels_simd() else "off")
+        log.info("decode kernels: %s (SIMD %s)", path.name, SIMD_NAMES.get(lib.pml_kernels_simd(), "off"))
         return _lib
 
 

@@ -35,8 +35,11 @@ typedef struct { float d; int8_t qs[32]; } q8_0_block;
 int pml_kernels_abi(void) { return 4; } /* bumped when a signature changes; the loader checks it */
 int pml_q4_1_block_bytes(void) { return (int)sizeof(q4_1_block); }
 int pml_q8_0_block_bytes(void) { return (int)sizeof(q8_0_block); }
+/* 0: plain C; 1: AVX2 + FMA; 2: also the AVX-512F/VL paths (multi-row matvec, wider tiles). */
 int pml_kernels_simd(void) {
-#ifdef PML_AVX2
+#if defined(PML_AVX2) && defined(__AVX512F__) && defined(__AVX512VL__)
+  return 2;
+#elif defined(PML_AVX2)
   return 1;
 #else
   return 0;

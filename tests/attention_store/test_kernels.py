@@ -256,6 +256,14 @@ def _cpu_has(*features: str) -> bool:
     return all(feature in flags for feature in features)
 
 
+@pytest.mark.skipif(kernels.library() is None or kernels.platform.machine() not in ("x86_64", "AMD64"),
+                    reason="needs the native kernels on x86")
+def test_native_build_reports_this_cpus_simd():
+    """The level the load log names (AVX2, AVX2 + AVX-512) is what -march=native found on this CPU."""
+    want = 2 if _cpu_has("avx2", "fma", "avx512f", "avx512vl") else 1 if _cpu_has("avx2", "fma") else 0
+    assert kernels.library().pml_kernels_simd() == want
+
+
 @pytest.mark.parametrize("build", [
     pytest.param([], id="plain-c"),  # without -march: x86-64's baseline has no AVX2, the path CPUs without it take
     pytest.param(["-mavx2", "-mfma", "-mno-avx512f"], id="avx2-without-avx512",  # its own tile sizes
