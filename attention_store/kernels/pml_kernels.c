@@ -417,26 +417,41 @@ static void pv_plain(const float *s, int64_t T, const float *vh, int64_t v_t, fl
   }
 }
 
+/* Rows of a head per task: all of them, unless the heads alone would leave threads idle or
+ * unevenly loaded (3 heads of a packed batch on 2 threads) and there are rows enough to split
+ * (a batch's 24, not a step's 3): then chunks of whole PV tiles, so that the tasks divide evenly
+ * among the threads where they can. Every row's arithmetic is the same in any chunk (its QK tile
+ * rows, its softmax and its PV accumulators are its own), so results do not depend on this. */
+static int64_t decode_rows_per_task(int64_t heads, int64_t G, int threads) {
+  if (threads <= 1 || heads % threads == 0 || G < 2 * PVR) return G;
+  int64_t chunks = 2;
+  while ((heads * chunks) % threads != 0 && heads * chunks < 4 * threads && G / (chunks + 1) >= PVR) ++chunks;
+  const int64_t rows = (G + chunks - 1) / chunks;
+  return (rows + PVR - 1) / PVR * PVR;
+}
+
 void pml_decode_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                           int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
                           int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
                           int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
+  const int64_t per_task = decode_rows_per_task(B * KV, G, threads), chunks = (G + per_task - 1) / per_task;
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
-    float *s = (float *)malloc(sizeof(float) * G * T);
-    _Pragma("omp for schedule(static)") for (int64_t bh = 0; bh < B * KV; ++bh) {
-      const int64_t b = bh / KV, h = bh % KV;
+    float *s = (float *)malloc(sizeof(float) * G * T); /* indexed by the row's place in its head */
+    _Pragma("omp for schedule(static)") for (int64_t task = 0; task < B * KV * chunks; ++task) {
+      const int64_t bh = task / chunks, b = bh / KV, h = bh % KV;
+      const int64_t r0 = (task % chunks) * per_task, r1 = r0 + per_task < G ? r0 + per_task : G;
       const float *qh = q + bh * G * D, *kh = k + b * k_b + h * k_h, *vh = v + b * v_b + h * v_h;
       float *oh = out + bh * G * D;
       int64_t t0 = 0;
 #ifdef PML_AVX2
       if (D % 8 == 0)
         for (; t0 + 8 <= T; t0 += 8) /* 8 keys at a time, read once for every query row */
-          for (int64_t g0 = 0; g0 < G; g0 += QK_ROWS)
-            qk_tile(qh, kh, k_t, D, T, g0, G - g0 < QK_ROWS ? (int)(G - g0) : QK_ROWS, t0, scale, s);
+          for (int64_t g0 = r0; g0 < r1; g0 += QK_ROWS)
+            qk_tile(qh, kh, k_t, D, T, g0, r1 - g0 < QK_ROWS ? (int)(r1 - g0) : QK_ROWS, t0, scale, s);
 #endif
       for (int64_t t = t0; t < T; ++t) { /* the rest (and plain C): one key at a time */
         const float *kt = kh + t * k_t;
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = r0; g < r1; ++g) {
           const float *qg = qh + g * D;
           float acc = 0.f;
           for (int64_t d = 0; d < D; ++d) acc += qg[d] * kt[d];
@@ -445,8 +460,8 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
       }
       const int64_t gb = G >= 4 ? PVR : 1, db = G >= 4 ? PVD : 64;
       float inv[PVR > 1 ? PVR : 1];
-      for (int64_t g0 = 0; g0 < G; g0 += gb) {
-        const int64_t gn = G - g0 < gb ? G - g0 : gb;
+      for (int64_t g0 = r0; g0 < r1; g0 += gb) {
+        const int64_t gn = r1 - g0 < gb ? r1 - g0 : gb;
         for (int64_t g = 0; g < gn; ++g)
           inv[g] = 1.f / softmax_numerators(s + (g0 + g) * T, mask ? mask + b * m_b + h * m_h + ((g0 + g) % m_period) * m_g : NULL, T);
         for (int64_t d0 = 0; d0 < D; d0 += db) {

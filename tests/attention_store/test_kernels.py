@@ -164,6 +164,32 @@ def test_flash_attention_is_the_same_for_any_thread_count():
     assert torch.equal(one, two)  # a task's rows are computed in the same order on any thread
 
 
+@pytest.mark.parametrize("kv,g,threads", [(3, 24, 2), (3, 25, 2), (2, 13, 3), (1, 30, 2), (3, 3, 2)])
+def test_decode_attention_rows_split_among_threads_are_the_same(kv, g, threads):
+    """A packed batch's step (3 key/value heads, 24 rows each, a mask read with a period) on 2
+    threads runs each head's rows as chunks, so the threads get even work; row counts that do not
+    divide evenly, more threads than heads, and a plain step's 3 rows (never split). Every row is
+    bitwise what one thread computes, and equals SDPA."""
+    t, d = 203, 64
+    key, value = torch.randn(1, kv, t + 5, d)[:, :, :t], torch.randn(1, kv, t + 5, d)[:, :, :t]
+    rows = torch.randn(1, kv, g, d)
+    period = next(p for p in (8, 5, 3, 1) if g % p == 0)
+    hidden = torch.rand(1, 1, period, t) < 0.2
+    hidden[..., 0] = False
+    mask = _additive(hidden)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.decode_attention(rows, key, value, mask, 0.125)
+        torch.set_num_threads(threads)
+        many = ops.decode_attention(rows, key, value, mask, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+    want = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask.repeat(1, 1, g // period, 1), scale=0.125)
+    torch.testing.assert_close(many, want, rtol=1e-5, atol=1e-5)
+
+
 def _packed_copy(linear: torch.nn.Linear, fmt: str, seed: int) -> torch.Tensor:
     """Give `linear` the weights of random blocks; returns the blocks."""
     blocks = packed.repack(fmt, gguf_blocks(fmt, linear.out_features, linear.in_features, seed))
@@ -297,6 +323,14 @@ def test_builds_for_other_cpus_equal_torch(build, tmp_path, monkeypatch):
     torch.testing.assert_close(ops.decode_attention(rows, key, value, mask, 0.25),
                                F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25),
                                rtol=1e-5, atol=1e-5)
+    key, value, rows = torch.randn(1, 3, 21, 16), torch.randn(1, 3, 21, 16), torch.randn(1, 3, 26, 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # 3 heads on 2 threads: each head's rows in chunks of this build's PV tile
+        split = ops.decode_attention(rows, key, value, None, 0.25)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(split, F.scaled_dot_product_attention(rows, key, value, scale=0.25), rtol=1e-5, atol=1e-5)
     key, value, rows = torch.randn(1, 2, 150, 32), torch.randn(1, 2, 150, 32), torch.randn(1, 2, 130, 32)
     mask = torch.zeros(1, 1, 130, 150)
     mask[:, :, :7, :140] = torch.finfo(torch.float32).min
