@@ -11,9 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-# Idle OpenMP threads sleep instead of spinning on a core another process needs (see
-# prompt_cache.threads); this must be set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from prompt_cache.threads import wait_policy  # torch-free
+
+# How idle OpenMP threads wait (prompt_cache.threads.wait_policy): read when torch loads its
+# OpenMP runtime, so set before anything imports torch. `pml serve` runs for long: passive.
+os.environ.update(wait_policy(long_running=sys.argv[1:2] == ["serve"]))
 
 from pml import cli as language_cli
 from pml.layout import Tokenizer

@@ -4,9 +4,18 @@ torch starts one intra-op thread per core. When another process holds a core, ev
 waits for the thread that cannot run: measured here, a 19-token cached forward went from 0.6 s to
 4.5 s beside one busy process. So the default is the cores this process may run on
 (`os.sched_getaffinity`) minus the ones the 1-minute load average says are busy, at least one.
-`PML_THREADS` or `--threads N` override it. OpenMP's passive wait policy (`OMP_WAIT_POLICY=PASSIVE`,
-set by the `pml` command before torch loads unless already set) makes idle threads sleep instead of
-spinning on a core another thread needs.
+`PML_THREADS` or `--threads N` override it.
+
+How idle OpenMP threads wait between parallel regions is the other half (`wait_policy`, applied
+by the `pml` command before torch loads; `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set by the user
+win). A decode step opens a few hundred regions. `python scripts/probes/wait_policy.py` (fresh
+processes, 2 threads, the speed benchmark's prompt, 32 tokens) measured decode tokens/s on an idle
+machine: libgomp's default (spin 300,000 times, then sleep) 39.9-40.9, `PASSIVE` (never spin:
+every region wakes its threads through the kernel) 24.2-25.1, slower than one thread's 30.7-31.5;
+beside a busy PyTorch job: default 9.5-10.5, `PASSIVE` 26.5-27.5. So a process that starts on an
+idle machine and is short-lived keeps libgomp's default, and one that starts beside busy cores
+(where the thread default is 1 anyway, unless told otherwise) or runs for long (`pml serve`, which
+will see neighbours come and go) gets `PASSIVE`.
 """
 
 from __future__ import annotations
@@ -27,16 +36,34 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores() -> int:
+    """Cores the 1-minute load average says other work holds (0 where it cannot be read)."""
+    try:
+        return int(os.getloadavg()[0])
+    except OSError:
+        return 0
+
+
 def default_threads() -> int:
     """`$PML_THREADS` if set, else usable cores minus the busy ones (1-minute load average), at least 1."""
     if os.environ.get(ENV):
         return parse_threads(os.environ[ENV])
     cores = usable_cores()
-    try:
-        busy = int(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, cores - min(busy, cores - 1))
+    return max(1, cores - min(busy_cores(), cores - 1))
+
+
+WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # what the user may set instead
+
+
+def wait_policy(long_running: bool) -> dict[str, str]:
+    """The OpenMP wait settings to add to the environment before torch loads (see the module
+    docstring): none if the user set any of `WAIT_ENV`; `PASSIVE` for a long-running process or
+    when a core is busy now; else none (libgomp's default: spin a while, then sleep)."""
+    if any(k in os.environ for k in WAIT_ENV):
+        return {}
+    if long_running or busy_cores() > 0:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {}
 
 
 def parse_threads(text: str) -> int:

@@ -29,3 +29,39 @@ def test_apply_sets_torch(monkeypatch):
         assert threads.apply_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_wait_policy_spins_only_when_short_lived_on_an_idle_machine(monkeypatch):
+    for name in threads.WAIT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+    assert threads.wait_policy(long_running=False) == {}  # libgomp's default: spin a while, then sleep
+    assert threads.wait_policy(long_running=True) == {"OMP_WAIT_POLICY": "PASSIVE"}  # pml serve
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert threads.wait_policy(long_running=False) == {"OMP_WAIT_POLICY": "PASSIVE"}  # a core is busy now
+
+
+@pytest.mark.parametrize("name,value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "1000")])
+def test_wait_policy_leaves_what_the_user_set(monkeypatch, name, value):
+    for other in threads.WAIT_ENV:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 0.0, 0.0))
+    assert threads.wait_policy(long_running=True) == {}
+
+
+def test_the_pml_command_sets_the_wait_policy_before_torch_loads():
+    """A fresh `pml serve` process gets PASSIVE, decided before anything has imported torch."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys; sys.argv = ['pml', 'serve']\n"
+             "import prompt_cache.threads as t\n"
+             "decide = t.wait_policy\n"
+             "t.wait_policy = lambda **kw: print('torch' in sys.modules) or decide(**kw)\n"
+             "import os, pml_cli.main\n"
+             "print(os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_ENV}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "PASSIVE"]
