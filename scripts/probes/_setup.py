@@ -31,6 +31,14 @@ def speed_prompt(context: int = 4000, threads: int = 1):
     return pc, schema, prompt_xml("speed", 1, QUESTION)
 
 
+def speed_run(run_dir: str, model: str) -> Path:
+    """The speed benchmark's run folder (schema, prompt, store), or exit saying how to make it."""
+    run = Path(run_dir)
+    if not (run / "speed.pml").is_file():
+        raise SystemExit(f"{run}/speed.pml not found: run python -m experiments.speed --model {model} first")
+    return run
+
+
 def median_ms(fn, repeats: int = 10) -> float:
     """Median milliseconds of `fn()` (after an untimed call)."""
     import statistics

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import _setup  # noqa: F401 (puts the checkout on sys.path)
+import _setup
 
 
 def child(run: Path, mode: str, model: str) -> None:
@@ -46,11 +46,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--child", choices=("promote", "direct"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    run = Path(args.run_dir)
     if args.child:
-        return child(run, args.child, args.model)
-    if not (run / "speed.pml").is_file():
-        raise SystemExit(f"{run}/speed.pml not found: run python -m experiments.speed --model {args.model} first")
+        return child(Path(args.run_dir), args.child, args.model)
+    run = _setup.speed_run(args.run_dir, args.model)
     print(f"{'mode':8s} {'ttft_ms':>8s} {'cache_ms':>9s} {'prefill_ms':>11s}  first token")
     for i in range(args.pairs):
         for mode in (("promote", "direct") if i % 2 == 0 else ("direct", "promote")):

@@ -9,7 +9,7 @@ model, reading the speed benchmark's module from its store, answering once untim
 timed: cached TTFT and decode tokens/s over 32 greedy tokens. `--contention 1` runs one competing
 PyTorch job (the speed benchmark's) beside all of them.
 
-    python scripts/probes/wait_policy.py [--rounds 3] [--threads 2] [--contention 0] [--spins 2000,20000]
+    python scripts/probes/wait_policy.py [--rounds 3] [--threads 2] [--contention 0] [--spins 1000,5000,20000]
 """
 
 import argparse
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import _setup  # noqa: F401 (puts the checkout on sys.path)
+import _setup
 
 
 
@@ -56,17 +56,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--contention", type=int, default=0)
-    p.add_argument("--spins", default="2000,20000", help="GOMP_SPINCOUNT values to try beside passive and default")
+    p.add_argument("--spins", default="1000,5000,20000", help="GOMP_SPINCOUNT values to try beside passive and default")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    run = Path(args.run_dir)
     if args.child:
-        return child(run, args.model, args.threads)
-    if not (run / "speed.pml").is_file():
-        raise SystemExit(f"{run}/speed.pml not found: run python -m experiments.speed --model {args.model} first")
+        return child(Path(args.run_dir), args.model, args.threads)
+    run = _setup.speed_run(args.run_dir, args.model)
     from experiments.speed_extras import Contention
+    from prompt_cache.threads import WAIT_ENV
 
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base = {k: v for k, v in os.environ.items() if k not in WAIT_ENV}
     named = policies([int(n) for n in args.spins.split(",") if n])
     got: dict[str, list[dict]] = {name: [] for name in named}
     with Contention(args.contention):
