@@ -77,7 +77,8 @@ def test_matvec_is_the_same_for_any_thread_count():
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("d,t", [(64, 45), (16, 8), (20, 13)])  # AVX2 paths, and the plain-C rest (D % 8 != 0)
+@pytest.mark.parametrize("d,t", [(64, 45), (16, 8), (20, 13),  # AVX2 paths, and the plain-C rest (D % 8 != 0)
+                                 (64, 203), (20, 130)])  # a decode step's keys in several PV blocks and a tail
 @pytest.mark.parametrize("mask_kind", [None, "shared", "per_head"])
 def test_decode_attention_equals_sdpa(d, t, mask_kind):
     b, kv, g = 2, 2, 3
@@ -323,6 +324,9 @@ def test_builds_for_other_cpus_equal_torch(build, tmp_path, monkeypatch):
     torch.testing.assert_close(ops.decode_attention(rows, key, value, mask, 0.25),
                                F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25),
                                rtol=1e-5, atol=1e-5)
+    key, value, rows = torch.randn(1, 2, 150, 16), torch.randn(1, 2, 150, 16), torch.randn(1, 2, 3, 16)
+    torch.testing.assert_close(ops.decode_attention(rows, key, value, None, 0.25),  # a step's rows, keys in blocks
+                               F.scaled_dot_product_attention(rows, key, value, scale=0.25), rtol=1e-5, atol=1e-5)
     key, value, rows = torch.randn(1, 3, 21, 16), torch.randn(1, 3, 21, 16), torch.randn(1, 3, 26, 16)
     before = torch.get_num_threads()
     try:
