@@ -364,23 +364,24 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
   return exp_sum(s, T, masked_max(s, mask, T));
 }
 
-/* out[g0 + g, d0 .. d0 + DBK) += sum_{t0 <= t < t0 + tn} s[g0 + g, t] v[t, d0 ..], then * inv[g] when
- * inv is given (the last key block), for g < gn <= GBK. The caller walks the keys in blocks of
- * PV_KEYS, so the block of V stays in L1 for every tile of rows and dims (whole rows of V, 1.1 MB
- * a head at 4,300 keys, were read again from L3 for each tile). A sum continues in the same order
- * from the fp32 value stored after the previous block, so it is bitwise the one-pass sum. Few rows
- * per head (a plain decode step): one row, all 64 dims (measured faster here than sharing a
- * pass); more (a packed batch): PVR rows x PVD dims. */
+/* out[g0 + g, d0 .. d0 + DBK) = (first ? 0 : out[..]) + sum_{t0 <= t < t0 + tn} s[g0 + g, t] v[t, d0 ..],
+ * then * inv[g] when inv is given (the last key block), for g < gn <= GBK. A sum continues in the
+ * same order from the fp32 value stored after the previous block, so any blocking gives bitwise
+ * the one-pass sum. Few rows per head (a plain decode step): one row, all 64 dims (measured faster
+ * here than sharing a pass), keys in blocks of PV_KEYS so that every row of a group uses a block
+ * of V while it is in cache; more (a packed batch): PVR rows x PVD dims, all keys in one pass
+ * (blocks measured no faster there). */
 #define PV_KEYS 64
 #ifdef PML_AVX2
 #define PV_BLOCK(GBK, DBK)                                                                          \
   static void pv_##GBK##x##DBK(const float *s, int64_t T, int64_t t0, int64_t tn, const float *vh,  \
                                int64_t v_t, float *oh, int64_t D, int64_t g0, int64_t gn,          \
-                               int64_t d0, const float *inv) {                                      \
+                               int64_t d0, int first, const float *inv) {                           \
     __m256 acc[GBK][DBK / 8];                                                                       \
     for (int g = 0; g < GBK; ++g) /* rows past gn repeat the last and are not stored */             \
       for (int j = 0; j < DBK / 8; ++j)                                                             \
-        acc[g][j] = _mm256_loadu_ps(oh + (g0 + (g < gn ? g : gn - 1)) * D + d0 + 8 * j);            \
+        acc[g][j] = first ? _mm256_setzero_ps()                                                     \
+                          : _mm256_loadu_ps(oh + (g0 + (g < gn ? g : gn - 1)) * D + d0 + 8 * j);    \
     for (int64_t t = t0; t < t0 + tn; ++t) {                                                        \
       const float *vt = vh + t * v_t + d0;                                                          \
       __m256 vv[DBK / 8];                                                                           \
@@ -392,9 +393,9 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
     }                                                                                               \
     for (int g = 0; g < GBK; ++g) /* the constant bound keeps `acc` in registers */                 \
       if (g < gn) {                                                                                 \
-        const __m256 z = _mm256_set1_ps(inv ? inv[g] : 1.f);                                        \
         for (int j = 0; j < DBK / 8; ++j)                                                           \
-          _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j, inv ? _mm256_mul_ps(acc[g][j], z) : acc[g][j]); \
+          _mm256_storeu_ps(oh + (g0 + g) * D + d0 + 8 * j,                                          \
+                           inv ? _mm256_mul_ps(acc[g][j], _mm256_set1_ps(inv[g])) : acc[g][j]);     \
       }                                                                                             \
   }
 #endif
@@ -414,12 +415,12 @@ PV_MANY_(PVR, PVD)
 #endif
 
 static void pv_plain(const float *s, int64_t T, int64_t t0, int64_t tn, const float *vh, int64_t v_t, float *oh,
-                     int64_t D, int64_t g0, int64_t gn, int64_t d0, int64_t dn, const float *inv) {
+                     int64_t D, int64_t g0, int64_t gn, int64_t d0, int64_t dn, int first, const float *inv) {
   for (int64_t g = 0; g < gn; ++g) {
     float acc[64];
     const float *sg = s + (g0 + g) * T;
     float *og = oh + (g0 + g) * D + d0;
-    for (int64_t d = 0; d < dn; ++d) acc[d] = og[d];
+    for (int64_t d = 0; d < dn; ++d) acc[d] = first ? 0.f : og[d];
     for (int64_t t = t0; t < t0 + tn; ++t)
       for (int64_t d = 0; d < dn; ++d) acc[d] += sg[t] * vh[t * v_t + d0 + d];
     for (int64_t d = 0; d < dn; ++d) og[d] = inv ? acc[d] * inv[g] : acc[d];
@@ -445,8 +446,8 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
                           int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
   const int64_t per_task = decode_rows_per_task(B * KV, G, threads), chunks = (G + per_task - 1) / per_task;
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
-    float *s = (float *)malloc(sizeof(float) * G * T); /* indexed by the row's place in its head */
-    float *inv = (float *)malloc(sizeof(float) * G);   /* 1 / each row's softmax sum */
+    float *s = (float *)malloc(sizeof(float) * G * (T + 1)); /* scores, by the row's place in its head */
+    float *inv = s + G * T;                                   /* then 1 / each row's softmax sum */
     _Pragma("omp for schedule(static)") for (int64_t task = 0; task < B * KV * chunks; ++task) {
       const int64_t bh = task / chunks, b = bh / KV, h = bh % KV;
       const int64_t r0 = (task % chunks) * per_task, r1 = r0 + per_task < G ? r0 + per_task : G;
@@ -471,27 +472,25 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
       const int64_t gb = G >= 4 ? PVR : 1, db = G >= 4 ? PVD : 64;
       for (int64_t g = r0; g < r1; ++g)
         inv[g] = 1.f / softmax_numerators(s + g * T, mask ? mask + b * m_b + h * m_h + (g % m_period) * m_g : NULL, T);
-      memset(oh + r0 * D, 0, sizeof(float) * (r1 - r0) * D);
-      const int64_t keys = gb > 1 ? T : PV_KEYS; /* many rows: one pass (blocks measured no faster there) */
+      const int64_t keys = gb > 1 ? T : PV_KEYS;
       for (int64_t tb = 0; tb < T; tb += keys) {
         const int64_t tn = T - tb < keys ? T - tb : keys;
-        const int last = tb + tn == T;
+        const int first = tb == 0, last = tb + tn == T;
         for (int64_t g0 = r0; g0 < r1; g0 += gb) {
           const int64_t gn = r1 - g0 < gb ? r1 - g0 : gb;
           for (int64_t d0 = 0; d0 < D; d0 += db) {
             const int64_t dn = D - d0 < db ? D - d0 : db;
 #ifdef PML_AVX2
             if (dn == db) {
-              (gb > 1 ? PV_NAME(PVR, PVD) : pv_1x64)(s, T, tb, tn, vh, v_t, oh, D, g0, gn, d0, last ? inv + g0 : NULL);
+              (gb > 1 ? PV_NAME(PVR, PVD) : pv_1x64)(s, T, tb, tn, vh, v_t, oh, D, g0, gn, d0, first, last ? inv + g0 : NULL);
               continue;
             }
 #endif
-            pv_plain(s, T, tb, tn, vh, v_t, oh, D, g0, gn, d0, dn, last ? inv + g0 : NULL);
+            pv_plain(s, T, tb, tn, vh, v_t, oh, D, g0, gn, d0, dn, first, last ? inv + g0 : NULL);
           }
         }
       }
     }
-    free(inv);
     free(s);
   }
 }

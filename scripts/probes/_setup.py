@@ -39,6 +39,22 @@ def speed_run(run_dir: str, model: str) -> Path:
     return run
 
 
+def speed_store_prompt(run: Path, model: str, threads: int, promote_disk_hits: bool = True):
+    """(PromptCache over the speed benchmark's disk store in `run`, its prompt XML), as a fresh
+    `pml run` process would answer it: model loaded, store opened, schema added."""
+    import torch
+
+    from attention_store.store import open_store
+    from prompt_cache.engine import PromptCache
+    from prompt_cache.models import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(model, torch.float32)
+    pc = PromptCache(lm, open_store(run / "store-scratch", lm, promote_disk_hits=promote_disk_hits))
+    pc.add_schema((run / "speed.pml").read_text())
+    return pc, (run / "speed_prompt.pml").read_text()
+
+
 def median_ms(fn, repeats: int = 10) -> float:
     """Median milliseconds of `fn()` (after an untimed call)."""
     import statistics

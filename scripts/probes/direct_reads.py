@@ -21,18 +21,10 @@ import _setup
 
 
 def child(run: Path, mode: str, model: str) -> None:
-    import torch
-
-    from attention_store.store import open_store
-    from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
-    from prompt_cache.models import load_model
 
-    torch.set_num_threads(1)
-    lm = load_model(model, torch.float32)
-    pc = PromptCache(lm, open_store(run / "store-scratch", lm, promote_disk_hits=mode == "promote"))
-    pc.add_schema((run / "speed.pml").read_text())
-    r = pc.answer((run / "speed_prompt.pml").read_text(), config=GenerationConfig(max_new_tokens=1))
+    pc, prompt = _setup.speed_store_prompt(run, model, threads=1, promote_disk_hits=mode == "promote")
+    r = pc.answer(prompt, config=GenerationConfig(max_new_tokens=1))
     assert r.usage.cached_tokens > 0, "the store holds no states for this prompt: run the speed benchmark first"
     t = r.timing
     print(json.dumps({"mode": mode, "ttft_ms": t.ttft_ms, "cache_ms": t.cache_ms, "prefill_ms": t.prefill_ms,

@@ -13,9 +13,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import _setup  # noqa: F401  (puts the checkout on sys.path)
+import _setup
 
 
 def main() -> None:
@@ -25,9 +24,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--rebuild", action="store_true")
     args = p.parse_args()
-    run = Path(args.run_dir)
-    if not (run / "speed.pml").is_file():
-        raise SystemExit(f"{run}/speed.pml not found: run python -m experiments.speed --model {args.model} first")
+    run = _setup.speed_run(args.run_dir, args.model)
     if args.rebuild:
         from prompt_cache.models import converted_dir
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import _setup
 
 
-
 def policies(spins: list[int]) -> dict[str, dict[str, str]]:
     """name -> the environment a child starts with."""
     named = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "default": {}}  # default: libgomp's 300,000 spins
@@ -31,18 +30,10 @@ def policies(spins: list[int]) -> dict[str, dict[str, str]]:
 
 
 def child(run: Path, model: str, threads: int) -> None:
-    import torch
-
-    from attention_store.store import open_store
-    from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
-    from prompt_cache.models import load_model
 
-    torch.set_num_threads(threads)
-    lm = load_model(model, torch.float32)
-    pc = PromptCache(lm, open_store(run / "store-scratch", lm))
-    pc.add_schema((run / "speed.pml").read_text())
-    prompt, cfg = (run / "speed_prompt.pml").read_text(), GenerationConfig(max_new_tokens=32, eos_ids=())
+    pc, prompt = _setup.speed_store_prompt(run, model, threads)
+    cfg = GenerationConfig(max_new_tokens=32, eos_ids=())
     pc.answer(prompt, config=cfg)  # untimed: the first forward's one-time work
     r = pc.answer(prompt, config=cfg)
     assert r.usage.cached_tokens > 0, "the store holds no states for this prompt: run the speed benchmark first"
