@@ -9,9 +9,10 @@ kernels took 2.5-4x as long as a plain read of K and V for the 3 query rows of a
   (Q4_1: 0.75 bytes a weight as stored here, Q8_0: 1.125, against 4 in fp32). The values are
   exactly the fp32 weights (`attention_store.kernels.packed` checks every row at load);
 - `decode_attention`: up to `DECODE_ROWS` query rows per key/value head over a preallocated
-  cache: tiles of rows share each pass over K and over V;
+  cache, one pass over K and one over V: tiles of a few rows for a plain step, rows in vector
+  lanes from 16 rows (a packed batch's step);
 - `flash_attention`: more rows (prefills, a packed batch's prefill): blocks of keys with an online
-  softmax and register-tiled products, so scores stay in cache (faster than SDPA's flash kernel
+  softmax and the same lanes tiles, so scores stay in cache (faster than SDPA's flash kernel
   from about 48 rows).
 
 Results equal torch's up to the order of summation (a few 1e-7 relative, as between two BLAS
@@ -57,6 +58,8 @@ BLOCK_WEIGHTS = 32  # weights per block in Q4_1 and Q8_0
 # in a real step, `python scripts/probes/decode_kernels.py` measured (ms, 30 layers, two runs):
 # 3 rows 14.1 vs 32.6 and 16.3 vs 38.5; 24 rows (a packed batch's step) 42.1 vs 49.8 and 61.7 vs
 # 57.2 (even); 48 rows 86.7 vs 85.4 and 99.9 vs 77.4; 117 rows 213.8 vs 162.0 and 221.3 vs 156.6.
+# With rows in vector lanes in both (one run): 3 rows 12.5 vs 24.6, 24 rows 32.3 vs 37.9, 48 rows
+# 59.1 vs 64.6, 117 rows 145.8 vs 142.2; the bound stays where both runs agree.
 DECODE_ROWS = 32
 SIMD_NAMES = {0: "off", 1: "AVX2", 2: "AVX2 + AVX-512"}  # pml_kernels_simd()
 BLOCK_BYTES = {"q4_1": 24, "q8_0": 36}  # a block as laid out here (fp32 scales); checked against the library

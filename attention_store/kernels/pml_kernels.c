@@ -374,7 +374,8 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
 #define PV_KEYS 64
 #ifdef PML_AVX2
 #define PV_BLOCK(GBK, DBK)                                                                          \
-  static void pv_##GBK##x##DBK(const float *s, int64_t T, int64_t t0, int64_t tn, const float *vh,  \
+  static void pv_##GBK##x##DBK(const float *s, int64_t s_g, int64_t s_t, int64_t t0, int64_t tn,     \
+                               const float *vh,                                                     \
                                int64_t v_t, float *oh, int64_t D, int64_t g0, int64_t gn,          \
                                int64_t d0, int first, const float *inv) {                           \
     __m256 acc[GBK][DBK / 8];                                                                       \
@@ -387,7 +388,7 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
       __m256 vv[DBK / 8];                                                                           \
       for (int j = 0; j < DBK / 8; ++j) vv[j] = _mm256_loadu_ps(vt + 8 * j);                        \
       for (int g = 0; g < GBK; ++g) {                                                               \
-        const __m256 p = _mm256_set1_ps(s[(g0 + (g < gn ? g : gn - 1)) * T + t]);                   \
+        const __m256 p = _mm256_set1_ps(s[(g0 + (g < gn ? g : gn - 1)) * s_g + t * s_t]);           \
         for (int j = 0; j < DBK / 8; ++j) acc[g][j] = _mm256_fmadd_ps(p, vv[j], acc[g][j]);         \
       }                                                                                             \
     }                                                                                               \
@@ -414,15 +415,15 @@ PV_BLOCK(1, 64)
 PV_MANY_(PVR, PVD)
 #endif
 
-static void pv_plain(const float *s, int64_t T, int64_t t0, int64_t tn, const float *vh, int64_t v_t, float *oh,
-                     int64_t D, int64_t g0, int64_t gn, int64_t d0, int64_t dn, int first, const float *inv) {
+static void pv_plain(const float *s, int64_t s_g, int64_t s_t, int64_t t0, int64_t tn, const float *vh, int64_t v_t,
+                     float *oh, int64_t D, int64_t g0, int64_t gn, int64_t d0, int64_t dn, int first, const float *inv) {
   for (int64_t g = 0; g < gn; ++g) {
     float acc[64];
-    const float *sg = s + (g0 + g) * T;
+    const float *sg = s + (g0 + g) * s_g;
     float *og = oh + (g0 + g) * D + d0;
     for (int64_t d = 0; d < dn; ++d) acc[d] = first ? 0.f : og[d];
     for (int64_t t = t0; t < t0 + tn; ++t)
-      for (int64_t d = 0; d < dn; ++d) acc[d] += sg[t] * vh[t * v_t + d0 + d];
+      for (int64_t d = 0; d < dn; ++d) acc[d] += sg[t * s_t] * vh[t * v_t + d0 + d];
     for (int64_t d = 0; d < dn; ++d) og[d] = inv ? acc[d] * inv[g] : acc[d];
   }
 }
@@ -440,10 +441,251 @@ static int64_t decode_rows_per_task(int64_t heads, int64_t G, int threads) {
   return (rows + PVR - 1) / PVR * PVR;
 }
 
+#ifdef PML_AVX2
+/* r[i] = column i of the 8 x 8 matrix whose rows are r[0..8). */
+static inline void transpose8(__m256 *r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+/* ---- many rows of a head: rows in vector lanes ------------------------------------------------ */
+/* From LANE_ROWS rows per head (a packed batch's step: 8 prompts x 3 query heads = 24 rows; every
+ * prefill) the row tiles above spend their time reloading keys and on horizontal sums (a 24-row
+ * step's QK ran at under half this CPU's FMA peak), and panels of transposed keys cost a copy of
+ * K per task. Here a task's rows are transposed once (qT: [D][RP], RP the rows rounded up to LW
+ * lanes) and each score is one lane of a vector of rows: tiles of up to LV vectors x LK keys of
+ * accumulators, each key element broadcast once for all the tile's rows from K as the cache holds
+ * it, no horizontal sums. Scores are key-major (sT: [keys][RP]), so the mask (transposed in
+ * registers, 8 rows x 8 keys at a time), the maxima, the exponentials and their sums are vertical
+ * too. Each score is fma(q[D-1], k[D-1], ... fma(q[0], k[0], 0)) * scale + mask, one rounding per
+ * operation, so the plain-C form (a build without AVX2, the last keys short of a tile) gives the
+ * same bits, and a row's result depends on neither its lane, its tile nor the thread count. It
+ * differs from the row tiles' in the last bits (another summation order), as any two kernels do:
+ * decode attention chooses by rows per head, so a plain step (3 rows) and a speculative check of
+ * the default 4 drafts (15 rows) keep the row tiles. */
+#ifndef LANE_ROWS /* these -D overrides: scripts/probes/lanes_kernels.py */
+#define LANE_ROWS 16
+#endif
+#define LW 8 /* rows per lane vector */
+#define LK 8 /* keys per lane tile */
+#ifdef __AVX512VL__
+#define LV 3 /* lane vectors per tile: 24 accumulators, the 32 registers of AVX-512VL */
+#else
+#define LV 1
+#endif
+#define LANE_PV_KEYS 256 /* keys per PV pass of decode_lanes: V's block stays in L2 for every tile */
+
+/* qT[d][i] = row i's element d, for RP lanes (lanes past `rows` repeat the last row: their
+ * results are computed and never stored). */
+static void lanes_rows(const float *qh, int64_t rows, int64_t D, int64_t RP, float *qT) {
+  for (int64_t i = 0; i < RP; ++i)
+    for (int64_t d = 0; d < D; ++d) qT[d * RP + i] = qh[(i < rows ? i : rows - 1) * D + d];
+}
+
+#ifdef PML_AVX2
+/* sT[t0 + j][8 * v0 ..] for j < LK, lane vectors v0 .. v0 + NV; mx: running max per lane. */
+#define LANES_QK(NV)                                                                                \
+  static __attribute__((noinline)) void lanes_qk##NV(const float *qT, int64_t RP, int64_t v0, const float *kh,   \
+                                                     int64_t k_t, int64_t D, int64_t t0, float scale,       \
+                                                     const float *const *mrow, int64_t moff, float *sT,     \
+                                                     float *mx) {                                           \
+    __m256 acc[LK][NV];                                                                             \
+    UNROLL for (int j = 0; j < LK; ++j) UNROLL for (int v = 0; v < NV; ++v) acc[j][v] = _mm256_setzero_ps(); \
+    const float *kt = kh + t0 * k_t;                                                                \
+    for (int64_t d = 0; d < D; ++d) {                                                               \
+      __m256 qv[NV];                                                                                \
+      UNROLL for (int v = 0; v < NV; ++v) qv[v] = _mm256_loadu_ps(qT + d * RP + LW * (v0 + v));     \
+      UNROLL for (int j = 0; j < LK; ++j) {                                                         \
+        const __m256 kv = _mm256_broadcast_ss(kt + j * k_t + d);                                    \
+        UNROLL for (int v = 0; v < NV; ++v) acc[j][v] = _mm256_fmadd_ps(qv[v], kv, acc[j][v]);      \
+      }                                                                                             \
+    }                                                                                               \
+    UNROLL for (int v = 0; v < NV; ++v) {                                                           \
+      __m256 m[LW];                                                                                 \
+      int masked = 0; /* an all-zero block (the keys every row sees) is not added: x + 0 is x */    \
+      if (mrow) {                                                                                   \
+        __m256 any = _mm256_setzero_ps();                                                           \
+        UNROLL for (int l = 0; l < LW; ++l) {                                                       \
+          m[l] = _mm256_loadu_ps(mrow[LW * (v0 + v) + l] + moff + t0);                              \
+          any = _mm256_or_ps(any, m[l]);                                                            \
+        }                                                                                           \
+        masked = !_mm256_testz_si256(_mm256_castps_si256(any), _mm256_castps_si256(any));           \
+        if (masked) transpose8(m); /* m[j]: key t0 + j's mask for the vector's 8 rows */           \
+      }                                                                                             \
+      __m256 top = _mm256_loadu_ps(mx + LW * (v0 + v));                                             \
+      UNROLL for (int j = 0; j < LK; ++j) {                                                         \
+        __m256 x = _mm256_mul_ps(acc[j][v], _mm256_set1_ps(scale));                                 \
+        if (masked) x = _mm256_add_ps(x, m[j]);                                                     \
+        _mm256_storeu_ps(sT + (t0 + j) * RP + LW * (v0 + v), x);                                    \
+        top = _mm256_max_ps(top, x);                                                                \
+      }                                                                                             \
+      _mm256_storeu_ps(mx + LW * (v0 + v), top);                                                    \
+    }                                                                                               \
+  }
+LANES_QK(1)
+#if LV > 1
+LANES_QK(2)
+LANES_QK(3)
+#endif
+#endif
+
+/* sT[t][i] = scale * q_i . k_t + mrow[i][moff + t] (mrow NULL: no mask) for t < tn, all RP lanes;
+ * mx[i] = max(mx[i], those). */
+static void lanes_scores(const float *qT, int64_t RP, const float *kh, int64_t k_t, int64_t D, int64_t tn,
+                         float scale, const float *const *mrow, int64_t moff, float *sT, float *mx) {
+  int64_t t0 = 0;
+#ifdef PML_AVX2
+  const int64_t NVT = RP / LW;
+  for (; t0 + LK <= tn; t0 += LK) /* the widest tiles that fit the lane vectors */
+    for (int64_t v0 = 0; v0 < NVT;) {
+      const int64_t nv = NVT - v0 < LV ? NVT - v0 : LV;
+#if LV > 1
+      if (nv == 3) lanes_qk3(qT, RP, v0, kh, k_t, D, t0, scale, mrow, moff, sT, mx);
+      else if (nv == 2) lanes_qk2(qT, RP, v0, kh, k_t, D, t0, scale, mrow, moff, sT, mx);
+      else
+#endif
+        lanes_qk1(qT, RP, v0, kh, k_t, D, t0, scale, mrow, moff, sT, mx);
+      v0 += nv;
+    }
+#endif
+  for (int64_t t = t0; t < tn; ++t) /* the rest (and plain C), in the same arithmetic */
+    for (int64_t i = 0; i < RP; ++i) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc = fmaf(qT[d * RP + i], kh[t * k_t + d], acc);
+      const float x = sT[t * RP + i] = acc * scale + (mrow ? mrow[i][moff + t] : 0.f);
+      mx[i] = x > mx[i] ? x : mx[i];
+    }
+}
+
+/* sT[t][i] = e^(sT[t][i] - ref[i]) for t < tn, all RP lanes (a score far below ref, a masked
+ * one, gives exactly 0); z[i] = their sum, as four partial sums (keys t = c mod 4). */
+static void lanes_exp(float *sT, int64_t RP, int64_t tn, const float *ref, float *z) {
+  for (int64_t v = 0; v < RP / LW; ++v) {
+    float *sv = sT + LW * v;
+#ifdef PML_AVX2
+    const __m256 r = _mm256_loadu_ps(ref + LW * v);
+    __m256 part[4];
+    for (int c = 0; c < 4; ++c) part[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < tn; ++t) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sv + t * RP), r));
+      _mm256_storeu_ps(sv + t * RP, e);
+      part[t % 4] = _mm256_add_ps(part[t % 4], e);
+    }
+    _mm256_storeu_ps(z + LW * v, _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3])));
+#else
+    for (int l = 0; l < LW; ++l) {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t t = 0; t < tn; ++t) part[t % 4] += (sv[t * RP + l] = expf(sv[t * RP + l] - ref[LW * v + l]));
+      z[LW * v + l] = (part[0] + part[1]) + (part[2] + part[3]);
+    }
+#endif
+  }
+}
+
+/* One task of decode attention on the lanes path: the `rows` rows of qT (mask rows mrow, or NULL)
+ * over tn keys of a head: m = each row's max score, l = the sum of e^(score - m), o = the sum of
+ * e^(score - m) v, not normalized (a row whose keys are all at -inf: l and o 0, so that the merge
+ * weighs it 0). */
+static void decode_lanes(const float *qT, int64_t RP, int64_t rows, const float *kh, const float *vh,
+                         const float *const *mrow, int64_t moff, int64_t D, int64_t tn, int64_t k_t, int64_t v_t,
+                         float scale, float *sT, float *ref, float *o, float *m, float *l) {
+  for (int64_t i = 0; i < RP; ++i) m[i] = -INFINITY;
+  lanes_scores(qT, RP, kh, k_t, D, tn, scale, mrow, moff, sT, m);
+  for (int64_t i = 0; i < RP; ++i) ref[i] = m[i] == -INFINITY ? 0.f : m[i];
+  lanes_exp(sT, RP, tn, ref, l);
+  for (int64_t tb = 0; tb < tn; tb += LANE_PV_KEYS) {
+    const int64_t bn = tn - tb < LANE_PV_KEYS ? tn - tb : LANE_PV_KEYS;
+    for (int64_t g0 = 0; g0 < rows; g0 += PVR) {
+      const int64_t gn = rows - g0 < PVR ? rows - g0 : PVR;
+      for (int64_t d0 = 0; d0 < D; d0 += PVD) {
+        const int64_t dn = D - d0 < PVD ? D - d0 : PVD;
+#ifdef PML_AVX2
+        if (dn == PVD) {
+          PV_NAME(PVR, PVD)(sT, 1, RP, tb, bn, vh, v_t, o, D, g0, gn, d0, tb == 0, NULL);
+          continue;
+        }
+#endif
+        pv_plain(sT, 1, RP, tb, bn, vh, v_t, o, D, g0, gn, d0, dn, tb == 0, NULL);
+      }
+    }
+  }
+}
+
+/* pml_decode_attention from LANE_ROWS rows per head: each head's keys in 1 to 4 chunks, one task
+ * each with all the head's rows (splitting rows instead reads K and V once per split: at two
+ * threads that cost more than 3 heads' imbalance), then the chunks' partial sums merged in chunk
+ * order, each rescaled by e^(m_chunk - m). A chunk per LANE_CHUNK_KEYS keys: each costs about a
+ * millisecond a step at one thread (a packed batch of 8 at 4,000 tokens: 34.2 ms in one chunk, 35.1
+ * in two, 36.4 in four), and 2 chunks of 3 heads fill 2 threads (17.8 ms, against 22.6 in one).
+ * The chunks depend on T alone, so the result does not depend on the thread count. */
+#ifndef LANE_CHUNK_KEYS /* these -D overrides: scripts/probes/lanes_kernels.py */
+#define LANE_CHUNK_KEYS 2048
+#endif
+static int64_t lanes_chunk_keys(int64_t T) {
+  int64_t chunks = T / LANE_CHUNK_KEYS;
+  chunks = chunks < 1 ? 1 : chunks > 4 ? 4 : chunks;
+  return ((T + chunks - 1) / chunks + LK - 1) / LK * LK;
+}
+static void decode_attention_lanes(const float *q, const float *k, const float *v, const float *mask, float *out,
+                                   int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
+                                   int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
+                                   int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
+  const int64_t RP = (G + LW - 1) / LW * LW, keys = lanes_chunk_keys(T), chunks = (T + keys - 1) / keys;
+  const int64_t per_chunk = G * D + 2 * RP; /* a chunk's o [G][D], then m and l [RP] */
+  float *part = (float *)malloc(sizeof(float) * B * KV * chunks * per_chunk);
+  _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
+    float *qT = (float *)malloc(sizeof(float) * RP * (D + keys + 1)), *sT = qT + RP * D, *ref = sT + RP * keys;
+    const float **mrow = (const float **)malloc(sizeof(float *) * RP);
+    _Pragma("omp for schedule(static)") for (int64_t task = 0; task < B * KV * chunks; ++task) {
+      const int64_t bh = task / chunks, b = bh / KV, h = bh % KV, t0 = (task % chunks) * keys;
+      const int64_t tn = T - t0 < keys ? T - t0 : keys;
+      float *o = part + task * per_chunk;
+      lanes_rows(q + bh * G * D, G, D, RP, qT);
+      for (int64_t i = 0; i < RP; ++i) /* lanes past the rows repeat the last row */
+        mrow[i] = mask ? mask + b * m_b + h * m_h + ((i < G ? i : G - 1) % m_period) * m_g : NULL;
+      decode_lanes(qT, RP, G, k + b * k_b + h * k_h + t0 * k_t, v + b * v_b + h * v_h + t0 * v_t, mask ? mrow : NULL,
+                   t0, D, tn, k_t, v_t, scale, sT, ref, o, o + G * D, o + G * D + RP);
+    }
+    _Pragma("omp for schedule(static)") for (int64_t bh = 0; bh < B * KV; ++bh) /* the merge */
+      for (int64_t g = 0; g < G; ++g) {
+        const float *p0 = part + bh * chunks * per_chunk;
+        float top = -INFINITY, l = 0.f, *oh = out + (bh * G + g) * D;
+        for (int64_t c = 0; c < chunks; ++c) top = p0[c * per_chunk + G * D + g] > top ? p0[c * per_chunk + G * D + g] : top;
+        for (int64_t d = 0; d < D; ++d) oh[d] = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float *pc = p0 + c * per_chunk;
+          const float w = expf(pc[G * D + g] - top);
+          l += w * pc[G * D + RP + g];
+          for (int64_t d = 0; d < D; ++d) oh[d] += w * pc[g * D + d];
+        }
+        const float inv = 1.f / l;
+        for (int64_t d = 0; d < D; ++d) oh[d] *= inv;
+      }
+    free(qT), free(mrow);
+  }
+  free(part);
+}
+
 void pml_decode_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                           int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
                           int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
                           int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
+  if (G >= LANE_ROWS) {
+    decode_attention_lanes(q, k, v, mask, out, B, KV, G, D, T, k_b, k_h, k_t, v_b, v_h, v_t, m_b, m_h, m_g, m_period,
+                           scale, threads);
+    return;
+  }
   const int64_t per_task = decode_rows_per_task(B * KV, G, threads), chunks = (G + per_task - 1) / per_task;
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
     float *s = (float *)malloc(sizeof(float) * G * (T + 1)); /* scores, by the row's place in its head */
@@ -482,11 +724,11 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
             const int64_t dn = D - d0 < db ? D - d0 : db;
 #ifdef PML_AVX2
             if (dn == db) {
-              (gb > 1 ? PV_NAME(PVR, PVD) : pv_1x64)(s, T, tb, tn, vh, v_t, oh, D, g0, gn, d0, first, last ? inv + g0 : NULL);
+              (gb > 1 ? PV_NAME(PVR, PVD) : pv_1x64)(s, T, 1, tb, tn, vh, v_t, oh, D, g0, gn, d0, first, last ? inv + g0 : NULL);
               continue;
             }
 #endif
-            pv_plain(s, T, tb, tn, vh, v_t, oh, D, g0, gn, d0, dn, first, last ? inv + g0 : NULL);
+            pv_plain(s, T, 1, tb, tn, vh, v_t, oh, D, g0, gn, d0, dn, first, last ? inv + g0 : NULL);
           }
         }
       }
@@ -495,70 +737,37 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
   }
 }
 
-/* ---- many-row attention (prefills, packed batches): flash-style tiles ------------------------ */
-/* The same contract as pml_decode_attention, for many query rows per key/value head (a 39-token
- * prefill of a model with 3 query heads per K/V head is 117 rows). The single-pass kernel above
- * keeps every row's scores for all T keys, which no longer stays in cache there; here a task of
- * up to FR rows walks the keys in blocks of FK with an online softmax (running max m, sum l,
- * output rescaled by alpha = e^(m_old - m_new)), so its scores, a transposed key block and its
- * output stay in L2. Scores and the output update are register-tiled products: FQ rows x 16 keys
- * (keys transposed into panels once per block) and FV rows x 32 dims (V read in place). A masked
- * key gives exactly 0, as above. `causal` > 0: row g also sees only keys t <= T - causal +
- * g % causal (the causal mask of `causal` new tokens at the end of the keys, for every head of a
- * group), and key blocks past a task's last visible key are skipped. Needs D % 32 == 0. */
+/* ---- many-row attention (prefills): key blocks with an online softmax ----------------------- */
+/* The same contract as pml_decode_attention, for more query rows per key/value head than
+ * DECODE_ROWS (a 39-token prefill of a model with 3 query heads per K/V head is 117 rows). The
+ * single pass above keeps every row's scores for all T keys, which no longer stays in cache there;
+ * here a task of up to FR rows walks the keys in blocks of FK with an online softmax (running max
+ * m, sum l, output rescaled by alpha = e^(m_old - m_new)), so its scores and output stay in L2.
+ * Scores are the lanes tiles above (key-major, K read in place); the output update is a register
+ * tile of FV rows x 32 dims (V read in place). A masked key gives exactly 0, as above. `causal` >
+ * 0: row g also sees only keys t <= T - causal + g % causal (the causal mask of `causal` new
+ * tokens at the end of the keys, for every head of a group), and key blocks past a task's last
+ * visible key are skipped. Needs D % 32 == 0. */
 
 #define FK 128 /* keys per block */
-#define FP 16  /* keys per transposed panel */
 #ifdef __AVX512VL__ /* 24 accumulators: the 32 vector registers of AVX-512VL */
-#define FQ 12
 #define FV 6
 #else
-#define FQ 6
 #define FV 2
 #endif
-#define FR 120 /* query rows per task: a multiple of FQ and FV */
+#define FR 120 /* query rows per task: a multiple of LW and FV */
 
-/* s[r][0 .. FP) = scale * q_r . k_j for the rows of one packed group (qp: [D][FQ], rows past rn
- * repeat the last) and one key panel (kp: [D][FP]); rows r < rn stored, row stride FK. */
-static __attribute__((noinline)) void flash_qk(const float *qp, const float *kp, int64_t D, int rn, float scale, float *s) {
-#ifdef PML_AVX2
-  __m256 a[FQ][2];
-  UNROLL for (int r = 0; r < FQ; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256 k0 = _mm256_loadu_ps(kp + d * FP), k1 = _mm256_loadu_ps(kp + d * FP + 8);
-    UNROLL for (int r = 0; r < FQ; ++r) {
-      const __m256 q = _mm256_broadcast_ss(qp + d * FQ + r);
-      a[r][0] = _mm256_fmadd_ps(q, k0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(q, k1, a[r][1]);
-    }
-  }
-  const __m256 sc = _mm256_set1_ps(scale);
-  UNROLL for (int r = 0; r < FQ; ++r) /* to the constant bound: a runtime one would keep `a` in memory */
-    if (r < rn) {
-      _mm256_storeu_ps(s + r * FK, _mm256_mul_ps(a[r][0], sc));
-      _mm256_storeu_ps(s + r * FK + 8, _mm256_mul_ps(a[r][1], sc));
-    }
-#else
-  for (int r = 0; r < rn; ++r)
-    for (int j = 0; j < FP; ++j) {
-      float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += qp[d * FQ + r] * kp[d * FP + j];
-      s[r * FK + j] = acc * scale;
-    }
-#endif
-}
-
-/* o[r][0 .. 32) = o[r][..] * alpha[r] + sum_{t < tn} p[r][t] v[t][..] for rows r < rn <= FV (p: row
- * stride FK; v: row stride v_t; o: row stride D). */
-static __attribute__((noinline)) void flash_pv(const float *p, int rn, int64_t tn, const float *v, int64_t v_t, float *o, int64_t D,
-                            const float *alpha) {
+/* o[r][0 .. 32) = o[r][..] * alpha[r] + sum_{t < tn} p[t][r] v[t][..] for rows r < rn <= FV (p: key
+ * stride RP; v: row stride v_t; o: row stride D). */
+static __attribute__((noinline)) void flash_pv(const float *p, int64_t RP, int rn, int64_t tn, const float *v,
+                                               int64_t v_t, float *o, int64_t D, const float *alpha) {
 #ifdef PML_AVX2
   __m256 a[FV][4];
   const float *pr[FV];
   UNROLL for (int r = 0; r < FV; ++r) {
     const int rr = r < rn ? r : rn - 1;
     const __m256 al = _mm256_set1_ps(alpha[rr]);
-    pr[r] = p + rr * FK;
+    pr[r] = p + rr;
     for (int j = 0; j < 4; ++j) a[r][j] = _mm256_mul_ps(_mm256_loadu_ps(o + rr * D + 8 * j), al);
   }
   for (int64_t t = 0; t < tn; ++t) {
@@ -566,7 +775,7 @@ static __attribute__((noinline)) void flash_pv(const float *p, int rn, int64_t t
     const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
                  v3 = _mm256_loadu_ps(vt + 24);
     UNROLL for (int r = 0; r < FV; ++r) {
-      const __m256 w = _mm256_broadcast_ss(pr[r] + t);
+      const __m256 w = _mm256_broadcast_ss(pr[r] + t * RP);
       a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(w, v1, a[r][1]);
       a[r][2] = _mm256_fmadd_ps(w, v2, a[r][2]);
@@ -581,51 +790,10 @@ static __attribute__((noinline)) void flash_pv(const float *p, int rn, int64_t t
     float acc[32];
     for (int j = 0; j < 32; ++j) acc[j] = o[r * D + j] * alpha[r];
     for (int64_t t = 0; t < tn; ++t)
-      for (int j = 0; j < 32; ++j) acc[j] += p[r * FK + t] * v[t * v_t + j];
+      for (int j = 0; j < 32; ++j) acc[j] += p[t * RP + r] * v[t * v_t + j];
     for (int j = 0; j < 32; ++j) o[r * D + j] = acc[j];
   }
 #endif
-}
-
-#ifdef PML_AVX2
-/* r[i] = column i of the 8 x 8 matrix whose rows are r[0..8). */
-static inline void transpose8(__m256 *r) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-#endif
-
-/* kp[panel][d][j] = k[FP * panel + j][d] for the tn keys of a block (rows of k: stride k_t), zero
- * past tn. */
-static void flash_pack_keys(const float *k, int64_t k_t, int64_t D, int64_t tn, float *kp) {
-  for (int64_t p0 = 0; p0 < tn; p0 += FP) {
-    float *panel = kp + (p0 / FP) * D * FP;
-    const int64_t jn = tn - p0 < FP ? tn - p0 : FP;
-#ifdef PML_AVX2
-    if (jn == FP && D % 8 == 0) {
-      for (int64_t d0 = 0; d0 < D; d0 += 8)
-        for (int half = 0; half < FP / 8; ++half) {
-          __m256 r[8];
-          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(k + (p0 + 8 * half + i) * k_t + d0);
-          transpose8(r);
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (d0 + i) * FP + 8 * half, r[i]);
-        }
-      continue;
-    }
-#endif
-    for (int64_t j = 0; j < FP; ++j)
-      for (int64_t d = 0; d < D; ++d) panel[d * FP + j] = j < jn ? k[(p0 + j) * k_t + d] : 0.f;
-  }
 }
 
 void pml_flash_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
@@ -635,21 +803,22 @@ void pml_flash_attention(const float *q, const float *k, const float *v, const f
                          int threads) {
   const int64_t row_blocks = (G + FR - 1) / FR;
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
-    float *qp = (float *)malloc(sizeof(float) * FR * D);       /* the task's rows, packed [group][D][FQ] */
-    float *kp = (float *)malloc(sizeof(float) * FK * D);       /* a key block, transposed [panel][D][FP] */
-    float *s = (float *)malloc(sizeof(float) * FR * FK);       /* scores, then weights, [row][FK] */
-    float m[FR], l[FR], alpha[FR];
+    float *qT = (float *)malloc(sizeof(float) * FR * D);  /* the task's rows, transposed [D][RP] */
+    float *sT = (float *)malloc(sizeof(float) * FK * FR); /* a block's scores, then weights, [key][RP] */
+    float m[FR], l[FR], alpha[FR], ref[FR], top[FR], z[FR];
+    const float *mrow[FR];
     _Pragma("omp for schedule(static, 1)") for (int64_t task = 0; task < B * KV * row_blocks; ++task) {
       const int64_t bh = task / row_blocks, b = bh / KV, h = bh % KV, g0 = (task % row_blocks) * FR;
-      const int64_t gn = G - g0 < FR ? G - g0 : FR;
+      const int64_t gn = G - g0 < FR ? G - g0 : FR, RP = (gn + LW - 1) / LW * LW;
       const float *qh = q + (bh * G + g0) * D, *kh = k + b * k_b + h * k_h, *vh = v + b * v_b + h * v_h;
       float *oh = out + (bh * G + g0) * D;
-      for (int64_t r0 = 0; r0 < gn; r0 += FQ)
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t r = 0; r < FQ; ++r)
-            qp[r0 * D + d * FQ + r] = qh[(r0 + r < gn ? r0 + r : gn - 1) * D + d];
+      lanes_rows(qh, gn, D, RP, qT);
+      for (int64_t i = 0; i < RP; ++i) {
+        const int64_t g = g0 + (i < gn ? i : gn - 1);
+        mrow[i] = mask ? mask + b * m_b + h * m_h + (g % m_period) * m_g : NULL;
+        m[i] = -INFINITY, l[i] = 0.f;
+      }
       memset(oh, 0, sizeof(float) * gn * D);
-      for (int64_t r = 0; r < gn; ++r) m[r] = -INFINITY, l[r] = 0.f;
       int64_t t_end = T; /* causal: past the last key any row of the task sees, nothing is read */
       if (causal) {
         int64_t last = 0;
@@ -658,26 +827,28 @@ void pml_flash_attention(const float *q, const float *k, const float *v, const f
       }
       for (int64_t t0 = 0; t0 < t_end; t0 += FK) {
         const int64_t tn = t_end - t0 < FK ? t_end - t0 : FK;
-        flash_pack_keys(kh + t0 * k_t, k_t, D, tn, kp);
-        for (int64_t j = 0; j < tn; j += FP)
-          for (int64_t r0 = 0; r0 < gn; r0 += FQ)
-            flash_qk(qp + r0 * D, kp + (j / FP) * D * FP, D, gn - r0 < FQ ? (int)(gn - r0) : FQ, scale,
-                     s + r0 * FK + j);
-        for (int64_t r = 0; r < gn; ++r) {
-          const float *mr = mask ? mask + b * m_b + h * m_h + ((g0 + r) % m_period) * m_g + t0 : NULL;
-          if (causal) /* keys past row r's own token: -inf, weight 0 */
-            for (int64_t j = T - causal + (g0 + r) % causal + 1 - t0 > 0 ? T - causal + (g0 + r) % causal + 1 - t0 : 0;
-                 j < tn; ++j)
-              s[r * FK + j] = -INFINITY;
-          const float mx = masked_max(s + r * FK, mr, tn), m_new = mx > m[r] ? mx : m[r];
-          const float ref = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
-          alpha[r] = expf(m[r] - ref);
-          l[r] = l[r] * alpha[r] + exp_sum(s + r * FK, tn, ref);
-          m[r] = m_new;
+        for (int64_t i = 0; i < RP; ++i) top[i] = -INFINITY;
+        lanes_scores(qT, RP, kh + t0 * k_t, k_t, D, tn, scale, mask ? mrow : NULL, t0, sT, top);
+        if (causal && t0 + tn > T - causal) /* keys past row i's own token: -inf, weight 0 */
+          for (int64_t i = 0; i < RP; ++i) {
+            const int64_t seen = T - causal + (g0 + (i < gn ? i : gn - 1)) % causal + 1 - t0; /* keys of the block it sees */
+            if (seen >= tn) continue;
+            top[i] = -INFINITY;
+            for (int64_t t = 0; t < tn; ++t)
+              if (t < seen) top[i] = sT[t * RP + i] > top[i] ? sT[t * RP + i] : top[i];
+              else sT[t * RP + i] = -INFINITY;
+          }
+        for (int64_t i = 0; i < RP; ++i) {
+          const float m_new = top[i] > m[i] ? top[i] : m[i];
+          ref[i] = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
+          alpha[i] = expf(m[i] - ref[i]);
+          m[i] = m_new;
         }
+        lanes_exp(sT, RP, tn, ref, z);
+        for (int64_t i = 0; i < RP; ++i) l[i] = l[i] * alpha[i] + z[i];
         for (int64_t r0 = 0; r0 < gn; r0 += FV)
           for (int64_t d0 = 0; d0 < D; d0 += 32)
-            flash_pv(s + r0 * FK, gn - r0 < FV ? (int)(gn - r0) : FV, tn, vh + t0 * v_t + d0, v_t, oh + r0 * D + d0,
+            flash_pv(sT + r0, RP, gn - r0 < FV ? (int)(gn - r0) : FV, tn, vh + t0 * v_t + d0, v_t, oh + r0 * D + d0,
                      D, alpha + r0);
       }
       for (int64_t r = 0; r < gn; ++r) {
@@ -685,6 +856,6 @@ void pml_flash_attention(const float *q, const float *k, const float *v, const f
         for (int64_t d = 0; d < D; ++d) oh[r * D + d] *= inv;
       }
     }
-    free(qp), free(kp), free(s);
+    free(qT), free(sT);
   }
 }

@@ -191,6 +191,51 @@ def test_decode_attention_rows_split_among_threads_are_the_same(kv, g, threads):
     torch.testing.assert_close(many, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_lanes_over_key_chunks(threads):
+    """From 16 rows per head (a packed batch's step) decode attention puts rows in vector lanes and
+    splits each head's keys into chunks (4,500 keys: 2), merged afterwards. Rows that see only the
+    last key (every key of the first chunk at -inf) and rows with a padded last lane vector (26
+    rows) included: equal to SDPA, and bitwise the same on one thread and on two."""
+    t, d, kv, g = 4500, 64, 3, 26
+    key, value = torch.randn(1, kv, t + 3, d)[:, :, :t], torch.randn(1, kv, t + 3, d)[:, :, :t]
+    rows = torch.randn(1, kv, g, d)
+    mask = torch.zeros(1, 1, g, t)
+    mask[:, :, ::5, :-1] = -torch.inf
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.decode_attention(rows, key, value, mask, 0.125)
+        torch.set_num_threads(threads)
+        got = ops.decode_attention(rows, key, value, mask, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, got)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.125),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["decode_attention", "flash_attention"])
+def test_lanes_give_a_row_the_same_bits_in_any_lane_and_after_masked_keys(kernel):
+    """On the lanes path each score is one fma chain per lane, and a masked key adds exactly 0: a
+    row computed among other rows (another lane, another tile) or with masked keys appended (its
+    last keys then fall in a full tile instead of the plain-C rest) gives bitwise the same output."""
+    g, t, d = 40 if kernel == "decode_attention" else 130, 203, 64
+    g = min(g, 32) if kernel == "decode_attention" else g
+    key, value = torch.randn(1, 2, t + 8, d), torch.randn(1, 2, t + 8, d)
+    rows = torch.randn(1, 2, g, d)
+    hidden = torch.rand(1, 1, g, t + 8) < 0.3
+    hidden[..., 0] = False
+    hidden[..., t:] = True  # the appended keys: hidden from every row
+    mask = _additive(hidden)
+    fn = getattr(ops, kernel)
+    full = fn(rows, key[:, :, :t], value[:, :, :t], mask[..., :t].contiguous(), 0.125)
+    shifted = fn(rows[:, :, 3:], key[:, :, :t], value[:, :, :t], mask[:, :, 3:, :t].contiguous(), 0.125)
+    assert torch.equal(shifted, full[:, :, 3:])
+    appended = fn(rows, key, value, mask, 0.125)
+    assert torch.equal(appended, full)
+
+
 def _packed_copy(linear: torch.nn.Linear, fmt: str, seed: int) -> torch.Tensor:
     """Give `linear` the weights of random blocks; returns the blocks."""
     blocks = packed.repack(fmt, gguf_blocks(fmt, linear.out_features, linear.in_features, seed))
