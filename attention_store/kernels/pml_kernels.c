@@ -151,11 +151,15 @@ static inline __m256 high256(__m512 a) { return _mm256_castpd_ps(_mm512_extractf
 
 #define DOT_ROWS16(VECTORS, BLOCK_T, R)                                                             \
   static inline void dotm##R##_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb, \
-                                         int rows, float *y, int64_t y_stride) {                    \
+                                         int rows, float *y, int64_t y_stride, float *part, int first, \
+                                         int last) {                                                \
     const float *xr[R];                                                                             \
     UNROLL for (int r = 0; r < R; ++r) xr[r] = x + (r < rows ? r : rows - 1) * n_in;                \
     __m512 a[R][2], w[2];                                                                           \
-    UNROLL for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();                     \
+    UNROLL for (int r = 0; r < R; ++r) { /* from zero, or where the previous blocks left the sums */ \
+      a[r][0] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + QK * r);                       \
+      a[r][1] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + QK * r + 16);                  \
+    }                                                                                               \
     for (int64_t i = 0; i < nb; ++i) {                                                              \
       VECTORS(row + i, w);                                                                          \
       UNROLL for (int r = 0; r < R; ++r) {                                                          \
@@ -164,9 +168,13 @@ static inline __m256 high256(__m512 a) { return _mm256_castpd_ps(_mm512_extractf
       }                                                                                             \
     }                                                                                               \
     UNROLL for (int r = 0; r < R; ++r)                                                              \
-      if (r < rows)                                                                                 \
+      if (!last) {                                                                                  \
+        _mm512_storeu_ps(part + QK * r, a[r][0]);                                                   \
+        _mm512_storeu_ps(part + QK * r + 16, a[r][1]);                                              \
+      } else if (r < rows) {                                                                        \
         y[r * y_stride] = hsum4(_mm512_castps512_ps256(a[r][0]), high256(a[r][0]),                  \
                                 _mm512_castps512_ps256(a[r][1]), high256(a[r][1]));                 \
+      }                                                                                             \
   }
 DOT_ROWS16(q4_1_vectors16, q4_1_block, 4)
 DOT_ROWS16(q4_1_vectors16, q4_1_block, 8)
@@ -201,15 +209,20 @@ DOT_ROWS(q8_0_values, q8_0_block)
 /* rows (<= MR) input rows through one weight row: with AVX-512F a tile of 4 when that is enough
  * (2-4 rows: speculative checks), else 8; otherwise the 8-lane (or plain C) `dotm_`. */
 #if defined(PML_AVX2) && defined(__AVX512F__)
+#define MV_CHUNKS 1 /* the 16-lane tiles can continue a sum across passes (see MATVEC) */
 #define ROWS_OF(BLOCK_T)                                                                            \
   static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
-                                    int rows, float *y, int64_t y_stride) {                         \
-    (rows <= 4 ? dotm4_##BLOCK_T : dotm8_##BLOCK_T)(row, x, n_in, nb, rows, y, y_stride);           \
+                                    int rows, float *y, int64_t y_stride, float *part, int first,   \
+                                    int last) {                                                     \
+    (rows <= 4 ? dotm4_##BLOCK_T : dotm8_##BLOCK_T)(row, x, n_in, nb, rows, y, y_stride, part, first, last); \
   }
 #else
+#define MV_CHUNKS 0
 #define ROWS_OF(BLOCK_T)                                                                            \
   static inline void rows_##BLOCK_T(const BLOCK_T *row, const float *x, int64_t n_in, int64_t nb,  \
-                                    int rows, float *y, int64_t y_stride) {                         \
+                                    int rows, float *y, int64_t y_stride, float *part, int first,   \
+                                    int last) {                                                     \
+    (void)part, (void)first, (void)last;                                                            \
     dotm_##BLOCK_T(row, x, n_in, nb, rows, y, y_stride);                                            \
   }
 #endif
@@ -220,22 +233,53 @@ ROWS_OF(q8_0_block)
 /* W: n_out rows of n_in / 32 blocks. x: rows x n_in, y: rows x n_out, both contiguous. Each
  * weight row is read (and expanded) once for every MR input rows. */
 
+#ifndef MV_X_BYTES /* these -D overrides: scripts/probes/lanes_kernels.py */
+#define MV_X_BYTES (24 << 10)
+#endif
+#define MV_GROUP 8
+/* Input rows of MR x n_in floats past MV_X_BYTES (a down projection's 8 x 1,536: 48 KB) no longer
+ * stay in L1 while every weight row reads them (measured: 46 GFLOP/s, against 86 for 8 x 768), so
+ * the blocks are taken in chunks that fit, for MV_GROUP weight rows at a time, each row's sums kept
+ * between chunks as the fp32 vectors they are (bitwise the one-pass sums), and the next group's
+ * weights prefetched (the chunks' strided reads defeat the hardware's): 64 GFLOP/s. */
+static int64_t matvec_chunk_blocks(int64_t nb, int64_t rows) {
+  const int64_t bytes = (rows < MR ? rows : MR) * nb * QK * (int64_t)sizeof(float);
+  if (!MV_CHUNKS || rows == 1 || bytes <= MV_X_BYTES) return nb;
+  const int64_t chunks = (bytes + MV_X_BYTES - 1) / MV_X_BYTES;
+  return (nb + chunks - 1) / chunks;
+}
+
 #define MATVEC(NAME, BLOCK_T)                                                                       \
   void NAME(const BLOCK_T *w, const float *x, const float *bias, float *y, int64_t n_out,          \
             int64_t n_in, int64_t rows, int threads) {                                              \
-    const int64_t nb = n_in / QK;                                                                   \
+    const int64_t nb = n_in / QK, kc = matvec_chunk_blocks(nb, rows), group = kc < nb ? MV_GROUP : 1; \
     _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")             \
-    for (int64_t n = 0; n < n_out; ++n) {                                                           \
-      const BLOCK_T *row = w + n * nb;                                                              \
+    for (int64_t n0 = 0; n0 < n_out; n0 += group) {                                                 \
+      const int64_t n1 = n0 + group < n_out ? n0 + group : n_out;                                   \
+      float part[MV_GROUP * MR * QK]; /* each weight row's sums between chunks */                   \
+      if (kc < nb && n1 < n_out) { /* chunks leave the streaming prefetcher behind: ask for the next group */ \
+        const char *next = (const char *)(w + n1 * nb);                                             \
+        const char *end = (const char *)(w + (n1 + group < n_out ? n1 + group : n_out) * nb);         \
+        for (; next < end; next += 64) __builtin_prefetch(next, 0, 2);                              \
+      }                                                                                             \
       if (rows == 1) {                                                                              \
-        y[n] = dot_##BLOCK_T(row, x, nb);                                                           \
+        for (int64_t n = n0; n < n1; ++n) y[n] = dot_##BLOCK_T(w + n * nb, x, nb);                  \
       } else {                                                                                      \
-        for (int64_t r0 = 0; r0 < rows; r0 += MR)                                                   \
-          rows_##BLOCK_T(row, x + r0 * n_in, n_in, nb, rows - r0 < MR ? (int)(rows - r0) : MR,      \
-                         y + r0 * n_out + n, n_out);                                                \
+        for (int64_t r0 = 0; r0 < rows; r0 += MR) {                                                 \
+          const int rn = rows - r0 < MR ? (int)(rows - r0) : MR;                                    \
+          if (kc == nb) /* one pass (constant flags: the tile keeps its one-pass code) */           \
+            for (int64_t n = n0; n < n1; ++n)                                                       \
+              rows_##BLOCK_T(w + n * nb, x + r0 * n_in, n_in, nb, rn, y + r0 * n_out + n, n_out, NULL, 1, 1); \
+          else                                                                                      \
+            for (int64_t c0 = 0; c0 < nb; c0 += kc)                                                 \
+              for (int64_t n = n0; n < n1; ++n)                                                     \
+                rows_##BLOCK_T(w + n * nb + c0, x + r0 * n_in + c0 * QK, n_in, nb - c0 < kc ? nb - c0 : kc, \
+                               rn, y + r0 * n_out + n, n_out, part + (n - n0) * MR * QK, c0 == 0, c0 + kc >= nb); \
+        }                                                                                           \
       }                                                                                             \
       if (bias)                                                                                     \
-        for (int64_t r = 0; r < rows; ++r) y[r * n_out + n] += bias[n];                             \
+        for (int64_t n = n0; n < n1; ++n)                                                           \
+          for (int64_t r = 0; r < rows; ++r) y[r * n_out + n] += bias[n];                           \
     }                                                                                               \
   }
 MATVEC(pml_q4_1_matvec, q4_1_block)

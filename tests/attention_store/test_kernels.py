@@ -63,6 +63,21 @@ def test_matvec_equals_linear_and_each_row_is_the_same_alone_or_batched(fmt, n):
     assert ops.matvec(fmt, blocks, x.reshape(n, 1, 128), 40).shape == (n, 1, 40)
 
 
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("n", [3, 8, 11])
+def test_matvec_over_long_rows_in_chunks_is_the_same_alone_or_batched(fmt, n):
+    """Input rows too long to stay in L1 together (8 x 1,600 floats, a down projection's shape) are
+    summed in chunks of blocks, several weight rows at a time, the sums carried between chunks: the
+    same sums as one pass, so each row is still bitwise what it gives alone; output rows past a
+    group of weight rows (45 = 5 groups and a part)."""
+    blocks = packed.repack(fmt, gguf_blocks(fmt, 45, 1600, seed=4))
+    x = torch.randn(n, 1600)
+    y = ops.matvec(fmt, blocks, x, 45)
+    torch.testing.assert_close(y, F.linear(x, ops.dequantize(fmt, blocks)), rtol=1e-4, atol=1e-4)
+    for r in range(n):
+        assert torch.equal(ops.matvec(fmt, blocks, x[r:r + 1], 45), y[r:r + 1])
+
+
 def test_matvec_is_the_same_for_any_thread_count():
     blocks = packed.repack("q4_1", gguf_blocks("q4_1", 64, 64, seed=2))
     x = torch.randn(3, 64)
