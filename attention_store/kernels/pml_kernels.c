@@ -506,8 +506,8 @@ static inline void transpose8(__m256 *r) {
 /* ---- many rows of a head: rows in vector lanes ------------------------------------------------ */
 /* From LANE_ROWS rows per head (a packed batch's step: 8 prompts x 3 query heads = 24 rows; every
  * prefill) the row tiles above spend their time reloading keys and on horizontal sums (a 24-row
- * step's QK ran at under half this CPU's FMA peak), and panels of transposed keys cost a copy of
- * K per task. Here a task's rows are transposed once (qT: [D][RP], RP the rows rounded up to LW
+ * step's attention: 2.4 GFLOP in 42.5 ms, 56 GFLOP/s), and panels of transposed keys cost a copy
+ * of K per task. Here a task's rows are transposed once (qT: [D][RP], RP the rows rounded up to LW
  * lanes) and each score is one lane of a vector of rows: tiles of up to LV vectors x LK keys of
  * accumulators, each key element broadcast once for all the tile's rows from K as the cache holds
  * it, no horizontal sums. Scores are key-major (sT: [keys][RP]), so the mask (transposed in
@@ -516,8 +516,8 @@ static inline void transpose8(__m256 *r) {
  * operation, so the plain-C form (a build without AVX2, the last keys short of a tile) gives the
  * same bits, and a row's result depends on neither its lane, its tile nor the thread count. It
  * differs from the row tiles' in the last bits (another summation order), as any two kernels do:
- * decode attention chooses by rows per head, so a plain step (3 rows) and a speculative check of
- * the default 4 drafts (15 rows) keep the row tiles. */
+ * decode attention chooses by rows per head, so a plain step (smollm2-135m: 3 rows) and a
+ * speculative check of the default 4 drafts (15) keep the row tiles. */
 #ifndef LANE_ROWS /* these -D overrides: scripts/probes/lanes_kernels.py */
 #define LANE_ROWS 16
 #endif
@@ -669,9 +669,10 @@ static void decode_lanes(const float *qT, int64_t RP, int64_t rows, const float 
 /* pml_decode_attention from LANE_ROWS rows per head: each head's keys in 1 to 4 chunks, one task
  * each with all the head's rows (splitting rows instead reads K and V once per split: at two
  * threads that cost more than 3 heads' imbalance), then the chunks' partial sums merged in chunk
- * order, each rescaled by e^(m_chunk - m). A chunk per LANE_CHUNK_KEYS keys: each costs about a
- * millisecond a step at one thread (a packed batch of 8 at 4,000 tokens: 34.2 ms in one chunk, 35.1
- * in two, 36.4 in four), and 2 chunks of 3 heads fill 2 threads (17.8 ms, against 22.6 in one).
+ * order, each rescaled by e^(m_chunk - m). A chunk per LANE_CHUNK_KEYS keys: a packed batch of 8
+ * at 4,000 tokens (2 chunks) spent 35.2 ms of attention a step against 34.2 in one chunk at one
+ * thread, 21.3 against 24.4 at two, where 2 chunks of 3 heads fill the threads evenly
+ * (scripts/probes/lanes_kernels.py).
  * The chunks depend on T alone, so the result does not depend on the thread count. */
 #ifndef LANE_CHUNK_KEYS /* these -D overrides: scripts/probes/lanes_kernels.py */
 #define LANE_CHUNK_KEYS 2048
