@@ -95,8 +95,9 @@ def test_matvec_is_the_same_for_any_thread_count():
 @pytest.mark.parametrize("d,t", [(64, 45), (16, 8), (20, 13),  # AVX2 paths, and the plain-C rest (D % 8 != 0)
                                  (64, 203), (20, 130)])  # a decode step's keys in several PV blocks and a tail
 @pytest.mark.parametrize("mask_kind", [None, "shared", "per_head"])
-def test_decode_attention_equals_sdpa(d, t, mask_kind):
-    b, kv, g = 2, 2, 3
+@pytest.mark.parametrize("g", [3, 17])  # row tiles; rows in lanes (a padded last lane vector)
+def test_decode_attention_equals_sdpa(d, t, mask_kind, g):
+    b, kv = 2, 2
     # Keys and values as the cache holds them: views of buffers with room beyond the filled length.
     key = torch.randn(b, kv, t + 7, d)[:, :, :t]
     value = torch.randn(b, kv, t + 7, d)[:, :, :t]
