@@ -81,14 +81,7 @@ def test_matvec_over_long_rows_in_chunks_is_the_same_alone_or_batched(fmt, n):
 def test_matvec_is_the_same_for_any_thread_count():
     blocks = packed.repack("q4_1", gguf_blocks("q4_1", 64, 64, seed=2))
     x = torch.randn(3, 64)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.matvec("q4_1", blocks, x, 64)
-        torch.set_num_threads(2)
-        two = ops.matvec("q4_1", blocks, x, 64)
-    finally:
-        torch.set_num_threads(before)
+    one, two = _on_one_thread_and_on(2, lambda: ops.matvec("q4_1", blocks, x, 64))
     assert torch.equal(one, two)
 
 
@@ -111,6 +104,18 @@ def test_decode_attention_equals_sdpa(d, t, mask_kind, g):
     got = ops.decode_attention(rows, key, value, mask, 0.3)
     want = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _on_one_thread_and_on(threads: int, fn):
+    """(fn() on one torch thread, fn() on `threads`), the thread count restored afterwards."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(threads)
+        return one, fn()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _additive(hidden: torch.Tensor) -> torch.Tensor:
@@ -170,14 +175,7 @@ def test_causal_flash_attention_equals_a_causal_mask(q, t, groups):
 
 def test_flash_attention_is_the_same_for_any_thread_count():
     rows, key, value = torch.randn(1, 3, 130, 64), torch.randn(1, 3, 400, 64), torch.randn(1, 3, 400, 64)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.flash_attention(rows, key, value, None, 0.125)
-        torch.set_num_threads(2)
-        two = ops.flash_attention(rows, key, value, None, 0.125)
-    finally:
-        torch.set_num_threads(before)
+    one, two = _on_one_thread_and_on(2, lambda: ops.flash_attention(rows, key, value, None, 0.125))
     assert torch.equal(one, two)  # a task's rows are computed in the same order on any thread
 
 
@@ -194,14 +192,7 @@ def test_decode_attention_rows_split_among_threads_are_the_same(kv, g, threads):
     hidden = torch.rand(1, 1, period, t) < 0.2
     hidden[..., 0] = False
     mask = _additive(hidden)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.decode_attention(rows, key, value, mask, 0.125)
-        torch.set_num_threads(threads)
-        many = ops.decode_attention(rows, key, value, mask, 0.125)
-    finally:
-        torch.set_num_threads(before)
+    one, many = _on_one_thread_and_on(threads, lambda: ops.decode_attention(rows, key, value, mask, 0.125))
     assert torch.equal(one, many)
     want = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask.repeat(1, 1, g // period, 1), scale=0.125)
     torch.testing.assert_close(many, want, rtol=1e-5, atol=1e-5)
@@ -218,14 +209,7 @@ def test_decode_attention_lanes_over_key_chunks(threads):
     rows = torch.randn(1, kv, g, d)
     mask = torch.zeros(1, 1, g, t)
     mask[:, :, ::5, :-1] = -torch.inf
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.decode_attention(rows, key, value, mask, 0.125)
-        torch.set_num_threads(threads)
-        got = ops.decode_attention(rows, key, value, mask, 0.125)
-    finally:
-        torch.set_num_threads(before)
+    one, got = _on_one_thread_and_on(threads, lambda: ops.decode_attention(rows, key, value, mask, 0.125))
     assert torch.equal(one, got)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.125),
                                rtol=1e-5, atol=1e-5)
@@ -389,12 +373,9 @@ def test_builds_for_other_cpus_equal_torch(build, tmp_path, monkeypatch):
     torch.testing.assert_close(ops.decode_attention(rows, key, value, None, 0.25),  # a step's rows, keys in blocks
                                F.scaled_dot_product_attention(rows, key, value, scale=0.25), rtol=1e-5, atol=1e-5)
     key, value, rows = torch.randn(1, 3, 21, 16), torch.randn(1, 3, 21, 16), torch.randn(1, 3, 26, 16)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # 3 heads on 2 threads: each head's rows in chunks of this build's PV tile
-        split = ops.decode_attention(rows, key, value, None, 0.25)
-    finally:
-        torch.set_num_threads(before)
+    # 26 rows a head: rows in lanes, this build's one-vector tiles; 3 heads on 2 threads
+    one, split = _on_one_thread_and_on(2, lambda: ops.decode_attention(rows, key, value, None, 0.25))
+    assert torch.equal(one, split)
     torch.testing.assert_close(split, F.scaled_dot_product_attention(rows, key, value, scale=0.25), rtol=1e-5, atol=1e-5)
     key, value, rows = torch.randn(1, 2, 150, 32), torch.randn(1, 2, 150, 32), torch.randn(1, 2, 130, 32)
     mask = torch.zeros(1, 1, 130, 150)
