@@ -788,31 +788,38 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
  * single pass above keeps every row's scores for all T keys, which no longer stays in cache there;
  * here a task of up to FR rows walks the keys in blocks of FK with an online softmax (running max
  * m, sum l, output rescaled by alpha = e^(m_old - m_new)), so its scores and output stay in L2.
- * Scores are the lanes tiles above (key-major, K read in place); the output update is a register
- * tile of FV rows x 32 dims (V read in place). A masked key gives exactly 0, as above. `causal` >
- * 0: row g also sees only keys t <= T - causal + g % causal (the causal mask of `causal` new
- * tokens at the end of the keys, for every head of a group), and key blocks past a task's last
- * visible key are skipped. Needs D % 32 == 0. */
+ * Scores: with AVX-512VL the lanes tiles above (key-major, K read in place); otherwise FQ rows x 16
+ * keys over keys transposed into panels once per block (with AVX2's 16 registers the lanes tile is
+ * 1 vector x 8 keys, one broadcast per FMA: a prefill ran 9-12% slower than on panels, measured
+ * with `scripts/probes/lanes_kernels.py --avx2`). The output update is a register tile of FV rows
+ * x 32 dims (V read in place). A masked key gives exactly 0, as above. `causal` > 0: row g also
+ * sees only keys t <= T - causal + g % causal (the causal mask of `causal` new tokens at the end
+ * of the keys, for every head of a group), and key blocks past a task's last visible key are
+ * skipped. Needs D % 32 == 0. */
 
 #define FK 128 /* keys per block */
+#define FR 120 /* query rows per task: a multiple of LW, FQ and FV */
 #ifdef __AVX512VL__ /* 24 accumulators: the 32 vector registers of AVX-512VL */
+#define FLASH_LANES 1
 #define FV 6
 #else
+#define FLASH_LANES 0
+#define FP 16 /* keys per transposed panel */
+#define FQ 6
 #define FV 2
 #endif
-#define FR 120 /* query rows per task: a multiple of LW and FV */
 
-/* o[r][0 .. 32) = o[r][..] * alpha[r] + sum_{t < tn} p[t][r] v[t][..] for rows r < rn <= FV (p: key
- * stride RP; v: row stride v_t; o: row stride D). */
-static __attribute__((noinline)) void flash_pv(const float *p, int64_t RP, int rn, int64_t tn, const float *v,
-                                               int64_t v_t, float *o, int64_t D, const float *alpha) {
+/* o[r][0 .. 32) = o[r][..] * alpha[r] + sum_{t < tn} p[r * p_r + t * p_t] v[t][..] for rows r < rn
+ * <= FV (v: row stride v_t; o: row stride D). */
+static __attribute__((noinline)) void flash_pv(const float *p, int64_t p_r, int64_t p_t, int rn, int64_t tn,
+                                               const float *v, int64_t v_t, float *o, int64_t D, const float *alpha) {
 #ifdef PML_AVX2
   __m256 a[FV][4];
   const float *pr[FV];
   UNROLL for (int r = 0; r < FV; ++r) {
     const int rr = r < rn ? r : rn - 1;
     const __m256 al = _mm256_set1_ps(alpha[rr]);
-    pr[r] = p + rr;
+    pr[r] = p + rr * p_r;
     for (int j = 0; j < 4; ++j) a[r][j] = _mm256_mul_ps(_mm256_loadu_ps(o + rr * D + 8 * j), al);
   }
   for (int64_t t = 0; t < tn; ++t) {
@@ -820,7 +827,7 @@ static __attribute__((noinline)) void flash_pv(const float *p, int64_t RP, int r
     const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
                  v3 = _mm256_loadu_ps(vt + 24);
     UNROLL for (int r = 0; r < FV; ++r) {
-      const __m256 w = _mm256_broadcast_ss(pr[r] + t * RP);
+      const __m256 w = _mm256_broadcast_ss(pr[r] + t * p_t);
       a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
       a[r][1] = _mm256_fmadd_ps(w, v1, a[r][1]);
       a[r][2] = _mm256_fmadd_ps(w, v2, a[r][2]);
@@ -835,11 +842,109 @@ static __attribute__((noinline)) void flash_pv(const float *p, int64_t RP, int r
     float acc[32];
     for (int j = 0; j < 32; ++j) acc[j] = o[r * D + j] * alpha[r];
     for (int64_t t = 0; t < tn; ++t)
-      for (int j = 0; j < 32; ++j) acc[j] += p[t * RP + r] * v[t * v_t + j];
+      for (int j = 0; j < 32; ++j) acc[j] += p[r * p_r + t * p_t] * v[t * v_t + j];
     for (int j = 0; j < 32; ++j) o[r * D + j] = acc[j];
   }
 #endif
 }
+
+#if FLASH_LANES
+/* A block's weights for the RP lanes: s[t][i] = e^(score - ref[i]) for the tn keys at kh (key t0
+ * of the head), alpha[i] = e^(m_old - ref), m and l updated (see above). `visible(i)`: keys of the
+ * head row i sees under `causal` (T when not causal). */
+static void flash_block(const float *qT, int64_t RP, const float *kh, int64_t k_t, int64_t D, int64_t t0, int64_t tn,
+                        float scale, const float *const *mrow, const int64_t *seen, float *s, float *m, float *l,
+                        float *alpha, float *ref, float *top, float *z) {
+  for (int64_t i = 0; i < RP; ++i) top[i] = -INFINITY;
+  lanes_scores(qT, RP, kh, k_t, D, tn, scale, mrow, t0, s, top);
+  for (int64_t i = 0; i < RP; ++i)
+    if (seen[i] - t0 < tn) { /* keys past row i's own token: -inf, weight 0, and the max without them */
+      top[i] = -INFINITY;
+      for (int64_t t = 0; t < tn; ++t)
+        if (t < seen[i] - t0) top[i] = s[t * RP + i] > top[i] ? s[t * RP + i] : top[i];
+        else s[t * RP + i] = -INFINITY;
+    }
+  for (int64_t i = 0; i < RP; ++i) {
+    const float m_new = top[i] > m[i] ? top[i] : m[i];
+    ref[i] = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
+    alpha[i] = expf(m[i] - ref[i]);
+    m[i] = m_new;
+  }
+  lanes_exp(s, RP, tn, ref, z);
+  for (int64_t i = 0; i < RP; ++i) l[i] = l[i] * alpha[i] + z[i];
+}
+#else
+/* s[r][0 .. FP) = scale * q_r . k_j for the rows of one packed group (qp: [D][FQ], rows past rn
+ * repeat the last) and one key panel (kp: [D][FP]); rows r < rn stored, row stride FK. */
+static __attribute__((noinline)) void flash_qk(const float *qp, const float *kp, int64_t D, int rn, float scale, float *s) {
+#ifdef PML_AVX2
+  __m256 a[FQ][2];
+  UNROLL for (int r = 0; r < FQ; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kp + d * FP), k1 = _mm256_loadu_ps(kp + d * FP + 8);
+    UNROLL for (int r = 0; r < FQ; ++r) {
+      const __m256 q = _mm256_broadcast_ss(qp + d * FQ + r);
+      a[r][0] = _mm256_fmadd_ps(q, k0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(q, k1, a[r][1]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  UNROLL for (int r = 0; r < FQ; ++r) /* to the constant bound: a runtime one would keep `a` in memory */
+    if (r < rn) {
+      _mm256_storeu_ps(s + r * FK, _mm256_mul_ps(a[r][0], sc));
+      _mm256_storeu_ps(s + r * FK + 8, _mm256_mul_ps(a[r][1], sc));
+    }
+#else
+  for (int r = 0; r < rn; ++r)
+    for (int j = 0; j < FP; ++j) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += qp[d * FQ + r] * kp[d * FP + j];
+      s[r * FK + j] = acc * scale;
+    }
+#endif
+}
+
+/* kp[panel][d][j] = k[FP * panel + j][d] for the tn keys of a block (rows of k: stride k_t), zero
+ * past tn. */
+static void flash_pack_keys(const float *k, int64_t k_t, int64_t D, int64_t tn, float *kp) {
+  for (int64_t p0 = 0; p0 < tn; p0 += FP) {
+    float *panel = kp + (p0 / FP) * D * FP;
+    const int64_t jn = tn - p0 < FP ? tn - p0 : FP;
+#ifdef PML_AVX2
+    if (jn == FP && D % 8 == 0) {
+      for (int64_t d0 = 0; d0 < D; d0 += 8)
+        for (int half = 0; half < FP / 8; ++half) {
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(k + (p0 + 8 * half + i) * k_t + d0);
+          transpose8(r);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (d0 + i) * FP + 8 * half, r[i]);
+        }
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < FP; ++j)
+      for (int64_t d = 0; d < D; ++d) panel[d * FP + j] = j < jn ? k[(p0 + j) * k_t + d] : 0.f;
+  }
+}
+
+/* flash_block on panels: the gn rows of qp (packed [group][D][FQ]), scores row-major s[r][FK]. */
+static void flash_block(const float *qp, int64_t gn, const float *kh, int64_t k_t, int64_t D, int64_t t0, int64_t tn,
+                        float scale, const float *const *mrow, const int64_t *seen, float *s, float *m, float *l,
+                        float *alpha, float *kp) {
+  flash_pack_keys(kh, k_t, D, tn, kp);
+  for (int64_t j = 0; j < tn; j += FP)
+    for (int64_t r0 = 0; r0 < gn; r0 += FQ)
+      flash_qk(qp + r0 * D, kp + (j / FP) * D * FP, D, gn - r0 < FQ ? (int)(gn - r0) : FQ, scale, s + r0 * FK + j);
+  for (int64_t r = 0; r < gn; ++r) {
+    for (int64_t j = seen[r] - t0 > 0 ? seen[r] - t0 : 0; j < tn; ++j) s[r * FK + j] = -INFINITY; /* causal */
+    const float mx = masked_max(s + r * FK, mrow ? mrow[r] + t0 : NULL, tn), m_new = mx > m[r] ? mx : m[r];
+    const float ref = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
+    alpha[r] = expf(m[r] - ref);
+    l[r] = l[r] * alpha[r] + exp_sum(s + r * FK, tn, ref);
+    m[r] = m_new;
+  }
+}
+#endif
 
 void pml_flash_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                          int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
@@ -848,59 +953,60 @@ void pml_flash_attention(const float *q, const float *k, const float *v, const f
                          int threads) {
   const int64_t row_blocks = (G + FR - 1) / FR;
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
-    float *qT = (float *)malloc(sizeof(float) * FR * D);  /* the task's rows, transposed [D][RP] */
-    float *sT = (float *)malloc(sizeof(float) * FK * FR); /* a block's scores, then weights, [key][RP] */
-    float m[FR], l[FR], alpha[FR], ref[FR], top[FR], z[FR];
+    float *qp = (float *)malloc(sizeof(float) * FR * D); /* the task's rows: transposed [D][RP] (lanes), packed [group][D][FQ] */
+    float *s = (float *)malloc(sizeof(float) * FK * FR); /* a block's scores, then weights: [key][RP] (lanes), [row][FK] */
+    float m[FR], l[FR], alpha[FR];
+    int64_t seen[FR]; /* keys of the head each row sees (causal) */
     const float *mrow[FR];
+#if FLASH_LANES
+    float ref[FR], top[FR], z[FR];
+#else
+    float *kp = (float *)malloc(sizeof(float) * FK * D); /* a key block, transposed [panel][D][FP] */
+#endif
     _Pragma("omp for schedule(static, 1)") for (int64_t task = 0; task < B * KV * row_blocks; ++task) {
       const int64_t bh = task / row_blocks, b = bh / KV, h = bh % KV, g0 = (task % row_blocks) * FR;
-      const int64_t gn = G - g0 < FR ? G - g0 : FR, RP = (gn + LW - 1) / LW * LW;
+      const int64_t gn = G - g0 < FR ? G - g0 : FR;
       const float *qh = q + (bh * G + g0) * D, *kh = k + b * k_b + h * k_h, *vh = v + b * v_b + h * v_h;
       float *oh = out + (bh * G + g0) * D;
-      lanes_rows(qh, gn, D, RP, qT);
+#if FLASH_LANES
+      const int64_t RP = (gn + LW - 1) / LW * LW, p_r = 1, p_t = RP; /* lanes past the rows repeat the last */
+      lanes_rows(qh, gn, D, RP, qp);
+#else
+      const int64_t RP = gn, p_r = FK, p_t = 1;
+      for (int64_t r0 = 0; r0 < gn; r0 += FQ)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t r = 0; r < FQ; ++r)
+            qp[r0 * D + d * FQ + r] = qh[(r0 + r < gn ? r0 + r : gn - 1) * D + d];
+#endif
+      int64_t t_end = 0; /* causal: past the last key any row of the task sees, nothing is read */
       for (int64_t i = 0; i < RP; ++i) {
         const int64_t g = g0 + (i < gn ? i : gn - 1);
         mrow[i] = mask ? mask + b * m_b + h * m_h + (g % m_period) * m_g : NULL;
+        seen[i] = causal ? T - causal + g % causal + 1 : T;
+        t_end = seen[i] > t_end ? seen[i] : t_end;
         m[i] = -INFINITY, l[i] = 0.f;
       }
       memset(oh, 0, sizeof(float) * gn * D);
-      int64_t t_end = T; /* causal: past the last key any row of the task sees, nothing is read */
-      if (causal) {
-        int64_t last = 0;
-        for (int64_t r = 0; r < gn; ++r) last = (g0 + r) % causal > last ? (g0 + r) % causal : last;
-        t_end = T - causal + last + 1;
-      }
       for (int64_t t0 = 0; t0 < t_end; t0 += FK) {
         const int64_t tn = t_end - t0 < FK ? t_end - t0 : FK;
-        for (int64_t i = 0; i < RP; ++i) top[i] = -INFINITY;
-        lanes_scores(qT, RP, kh + t0 * k_t, k_t, D, tn, scale, mask ? mrow : NULL, t0, sT, top);
-        if (causal && t0 + tn > T - causal) /* keys past row i's own token: -inf, weight 0 */
-          for (int64_t i = 0; i < RP; ++i) {
-            const int64_t seen = T - causal + (g0 + (i < gn ? i : gn - 1)) % causal + 1 - t0; /* keys of the block it sees */
-            if (seen >= tn) continue;
-            top[i] = -INFINITY;
-            for (int64_t t = 0; t < tn; ++t)
-              if (t < seen) top[i] = sT[t * RP + i] > top[i] ? sT[t * RP + i] : top[i];
-              else sT[t * RP + i] = -INFINITY;
-          }
-        for (int64_t i = 0; i < RP; ++i) {
-          const float m_new = top[i] > m[i] ? top[i] : m[i];
-          ref[i] = m_new == -INFINITY ? 0.f : m_new; /* every key so far at -inf: weights 0 */
-          alpha[i] = expf(m[i] - ref[i]);
-          m[i] = m_new;
-        }
-        lanes_exp(sT, RP, tn, ref, z);
-        for (int64_t i = 0; i < RP; ++i) l[i] = l[i] * alpha[i] + z[i];
+#if FLASH_LANES
+        flash_block(qp, RP, kh + t0 * k_t, k_t, D, t0, tn, scale, mask ? mrow : NULL, seen, s, m, l, alpha, ref, top, z);
+#else
+        flash_block(qp, gn, kh + t0 * k_t, k_t, D, t0, tn, scale, mask ? mrow : NULL, seen, s, m, l, alpha, kp);
+#endif
         for (int64_t r0 = 0; r0 < gn; r0 += FV)
           for (int64_t d0 = 0; d0 < D; d0 += 32)
-            flash_pv(sT + r0, RP, gn - r0 < FV ? (int)(gn - r0) : FV, tn, vh + t0 * v_t + d0, v_t, oh + r0 * D + d0,
-                     D, alpha + r0);
+            flash_pv(s + r0 * p_r, p_r, p_t, gn - r0 < FV ? (int)(gn - r0) : FV, tn, vh + t0 * v_t + d0, v_t,
+                     oh + r0 * D + d0, D, alpha + r0);
       }
       for (int64_t r = 0; r < gn; ++r) {
         const float inv = 1.f / l[r];
         for (int64_t d = 0; d < D; ++d) oh[r * D + d] *= inv;
       }
     }
-    free(qT), free(sT);
+#if !FLASH_LANES
+    free(kp);
+#endif
+    free(qp), free(s);
   }
 }

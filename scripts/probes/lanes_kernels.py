@@ -14,9 +14,10 @@ as in a real step, so nothing stays in cache between layers): decode attention o
 (24 query rows per K/V head, a mask row per prompt), flash attention of the batch's prefill (187
 fresh tokens: 561 rows per head) and of one prompt's (25 tokens: 75 rows), and the packed Q4_1
 products of a step for 8 input rows (down projection 576 x 1,536; gate 1,536 x 576; q 576 x 576).
-Medians of `--repeats` calls, at each of `--threads`.
+Medians of `--repeats` calls, at each of `--threads`. `--avx2` builds every variant without
+AVX-512 (`-mno-avx512f`), as on a CPU that has AVX2 alone.
 
-    python scripts/probes/lanes_kernels.py [--threads 1 2] [--repeats 7] [--baseline REV]
+    python scripts/probes/lanes_kernels.py [--threads 1 2] [--repeats 7] [--baseline REV] [--avx2]
 """
 
 import argparse
@@ -105,7 +106,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per median (default: %(default)s)")
     p.add_argument("--baseline", default="82d7e02", help="git revision of the `before` source (default: %(default)s)")
+    p.add_argument("--avx2", action="store_true", help="build without AVX-512 (-mno-avx512f)")
     args = p.parse_args()
+    extra = ["-mno-avx512f"] if args.avx2 else []
 
     import torch
 
@@ -115,8 +118,9 @@ def main() -> None:
     before = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:attention_store/kernels/pml_kernels.c"],
                             capture_output=True, text=True, check=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"before": build(before, [], Path(tmp) / "before.so"), "now": build(source, [], Path(tmp) / "now.so")}
-        libs.update({name: build(source, flags, Path(tmp) / f"v{i}.so") for i, (name, flags) in enumerate(VARIANTS.items())})
+        libs = {"before": build(before, extra, Path(tmp) / "before.so"), "now": build(source, extra, Path(tmp) / "now.so")}
+        libs.update({name: build(source, extra + flags, Path(tmp) / f"v{i}.so") for i, (name, flags) in enumerate(VARIANTS.items())})
+        print("SIMD:", ", ".join(f"{name} {kernels.SIMD_NAMES[lib.pml_kernels_simd()]}" for name, lib in libs.items()))
         work = workloads()
         for threads in args.threads:
             torch.set_num_threads(threads)
