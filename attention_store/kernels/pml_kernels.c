@@ -669,16 +669,21 @@ static void decode_lanes(const float *qT, int64_t RP, int64_t rows, const float 
 /* pml_decode_attention from LANE_ROWS rows per head: each head's keys in 1 to 4 chunks, one task
  * each with all the head's rows (splitting rows instead reads K and V once per split: at two
  * threads that cost more than 3 heads' imbalance), then the chunks' partial sums merged in chunk
- * order, each rescaled by e^(m_chunk - m). A chunk per LANE_CHUNK_KEYS keys: a packed batch of 8
- * at 4,000 tokens (2 chunks) spent 35.2 ms of attention a step against 34.2 in one chunk at one
- * thread, 21.3 against 24.4 at two, where 2 chunks of 3 heads fill the threads evenly
- * (scripts/probes/lanes_kernels.py).
- * The chunks depend on T alone, so the result does not depend on the thread count. */
+ * order, each rescaled by e^(m_chunk - m). A chunk per LANE_CHUNK_KEYS keys, and at least enough
+ * for LANE_MIN_TASKS tasks where chunks stay LANE_MIN_CHUNK keys or more (one K/V head, as in
+ * Gemma-3-270m, otherwise leaves a second thread idle): a packed batch of 8 at 4,000 tokens (2
+ * chunks) spent 35.2 ms of attention a step against 34.2 in one chunk at one thread, 21.3 against
+ * 24.4 at two, where 2 chunks of 3 heads fill the threads evenly (scripts/probes/lanes_kernels.py).
+ * The chunks depend on the shape alone, so the result does not depend on the thread count. */
 #ifndef LANE_CHUNK_KEYS /* these -D overrides: scripts/probes/lanes_kernels.py */
 #define LANE_CHUNK_KEYS 2048
 #endif
-static int64_t lanes_chunk_keys(int64_t T) {
+#define LANE_MIN_TASKS 4
+#define LANE_MIN_CHUNK 256
+static int64_t lanes_chunk_keys(int64_t heads, int64_t T) {
   int64_t chunks = T / LANE_CHUNK_KEYS;
+  const int64_t fill = (LANE_MIN_TASKS + heads - 1) / heads, most = T / LANE_MIN_CHUNK;
+  chunks = chunks > fill ? chunks : fill < most ? fill : most;
   chunks = chunks < 1 ? 1 : chunks > 4 ? 4 : chunks;
   return ((T + chunks - 1) / chunks + LK - 1) / LK * LK;
 }
@@ -686,7 +691,7 @@ static void decode_attention_lanes(const float *q, const float *k, const float *
                                    int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
                                    int64_t k_b, int64_t k_h, int64_t k_t, int64_t v_b, int64_t v_h, int64_t v_t,
                                    int64_t m_b, int64_t m_h, int64_t m_g, int64_t m_period, float scale, int threads) {
-  const int64_t RP = (G + LW - 1) / LW * LW, keys = lanes_chunk_keys(T), chunks = (T + keys - 1) / keys;
+  const int64_t RP = (G + LW - 1) / LW * LW, keys = lanes_chunk_keys(B * KV, T), chunks = (T + keys - 1) / keys;
   const int64_t per_chunk = G * D + 2 * RP; /* a chunk's o [G][D], then m and l [RP] */
   float *part = (float *)malloc(sizeof(float) * B * KV * chunks * per_chunk);
   _Pragma("omp parallel num_threads(threads) if (threads > 1)") {
