@@ -685,7 +685,8 @@ static int64_t lanes_chunk_keys(int64_t heads, int64_t T) {
   const int64_t fill = (LANE_MIN_TASKS + heads - 1) / heads, most = T / LANE_MIN_CHUNK;
   chunks = chunks > fill ? chunks : fill < most ? fill : most;
   chunks = chunks < 1 ? 1 : chunks > 4 ? 4 : chunks;
-  return ((T + chunks - 1) / chunks + LK - 1) / LK * LK;
+  const int64_t keys = ((T + chunks - 1) / chunks + LK - 1) / LK * LK;
+  return keys > LK ? keys : LK; /* never 0 (T = 0: no chunk at all) */
 }
 static void decode_attention_lanes(const float *q, const float *k, const float *v, const float *mask, float *out,
                                    int64_t B, int64_t KV, int64_t G, int64_t D, int64_t T,
