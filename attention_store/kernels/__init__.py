@@ -12,8 +12,8 @@ kernels took 2.5-4x as long as a plain read of K and V for the 3 query rows of a
   cache, one pass over K and one over V: tiles of a few rows for a plain step, rows in vector
   lanes from 16 rows (a packed batch's step);
 - `flash_attention`: more rows (prefills, a packed batch's prefill): blocks of keys with an online
-  softmax and the same lanes tiles, so scores stay in cache (faster than SDPA's flash kernel
-  from about 48 rows).
+  softmax, scores from the same lanes tiles (with AVX-512VL; from transposed key panels
+  otherwise), so scores stay in cache (faster than SDPA's flash kernel from about 48 rows).
 
 Results equal torch's up to the order of summation (a few 1e-7 relative, as between two BLAS
 libraries); tests compare them.

@@ -238,10 +238,12 @@ ROWS_OF(q8_0_block)
 #endif
 #define MV_GROUP 8
 /* Input rows of MR x n_in floats past MV_X_BYTES (a down projection's 8 x 1,536: 48 KB) no longer
- * stay in L1 while every weight row reads them (measured: 46 GFLOP/s, against 86 for 8 x 768), so
- * the blocks are taken in chunks that fit, for MV_GROUP weight rows at a time, each row's sums kept
- * between chunks as the fp32 vectors they are (bitwise the one-pass sums), and the next group's
- * weights prefetched (the chunks' strided reads defeat the hardware's): 64 GFLOP/s. */
+ * stay in L1 (32 KB here) while every weight row reads them, so the blocks are taken in chunks that
+ * fit, for MV_GROUP weight rows at a time, each row's sums kept between chunks as the fp32 vectors
+ * they are (bitwise the one-pass sums), and the next group's weights prefetched (the chunks'
+ * strided reads leave the hardware prefetcher behind: without it a scratch build kept little of
+ * the gain). The down projection of a batch step, 30 layers: 9.5 -> 7.3 ms at one thread
+ * (`scripts/probes/lanes_kernels.py`, `now, one matvec pass` against `now`). */
 static int64_t matvec_chunk_blocks(int64_t nb, int64_t rows) {
   const int64_t bytes = (rows < MR ? rows : MR) * nb * QK * (int64_t)sizeof(float);
   if (!MV_CHUNKS || rows == 1 || bytes <= MV_X_BYTES) return nb;
@@ -409,12 +411,13 @@ static float softmax_numerators(float *s, const float *mask, int64_t T) {
 }
 
 /* out[g0 + g, d0 .. d0 + DBK) = (first ? 0 : out[..]) + sum_{t0 <= t < t0 + tn} s[g0 + g, t] v[t, d0 ..],
- * then * inv[g] when inv is given (the last key block), for g < gn <= GBK. A sum continues in the
- * same order from the fp32 value stored after the previous block, so any blocking gives bitwise
- * the one-pass sum. Few rows per head (a plain decode step): one row, all 64 dims (measured faster
- * here than sharing a pass), keys in blocks of PV_KEYS so that every row of a group uses a block
- * of V while it is in cache; more (a packed batch): PVR rows x PVD dims, all keys in one pass
- * (blocks measured no faster there). */
+ * then * inv[g] when inv is given (the last key block), for g < gn <= GBK; score (g, t) at
+ * s[g * s_g + t * s_t] (row-major for the row tiles, key-major for the lanes). A sum continues in
+ * the same order from the fp32 value stored after the previous block, so any blocking gives
+ * bitwise the one-pass sum. Few rows per head (a plain decode step): one row, all 64 dims
+ * (measured faster here than sharing a pass), keys in blocks of PV_KEYS so that every row of a
+ * group uses a block of V while it is in cache; more: PVR rows x PVD dims, all keys in one pass on
+ * the row tiles (a speculative check), blocks of LANE_PV_KEYS on the lanes (below). */
 #define PV_KEYS 64
 #ifdef PML_AVX2
 #define PV_BLOCK(GBK, DBK)                                                                          \
@@ -472,9 +475,9 @@ static void pv_plain(const float *s, int64_t s_g, int64_t s_t, int64_t t0, int64
   }
 }
 
-/* Rows of a head per task: all of them, unless the heads alone would leave threads idle or
- * unevenly loaded (3 heads of a packed batch on 2 threads) and there are rows enough to split
- * (a batch's 24, not a step's 3): then chunks of whole PV tiles, so that the tasks divide evenly
+/* Rows of a head per task on the row tiles: all of them, unless the heads alone would leave threads
+ * idle or unevenly loaded (3 heads on 2 threads) and there are rows enough to split (a speculative
+ * check's 12-15, not a step's 3): then chunks of whole PV tiles, so that the tasks divide evenly
  * among the threads where they can. Every row's arithmetic is the same in any chunk (its QK tile
  * rows, its softmax and its PV accumulators are its own), so results do not depend on this. */
 static int64_t decode_rows_per_task(int64_t heads, int64_t G, int threads) {
@@ -528,7 +531,9 @@ static inline void transpose8(__m256 *r) {
 #else
 #define LV 1
 #endif
+#ifndef LANE_PV_KEYS /* these -D overrides: scripts/probes/lanes_kernels.py */
 #define LANE_PV_KEYS 256 /* keys per PV pass of decode_lanes: V's block stays in L2 for every tile */
+#endif
 
 /* qT[d][i] = row i's element d, for RP lanes (lanes past `rows` repeat the last row: their
  * results are computed and never stored). */
@@ -678,7 +683,9 @@ static void decode_lanes(const float *qT, int64_t RP, int64_t rows, const float 
 #ifndef LANE_CHUNK_KEYS /* these -D overrides: scripts/probes/lanes_kernels.py */
 #define LANE_CHUNK_KEYS 2048
 #endif
+#ifndef LANE_MIN_TASKS
 #define LANE_MIN_TASKS 4
+#endif
 #define LANE_MIN_CHUNK 256
 static int64_t lanes_chunk_keys(int64_t heads, int64_t T) {
   int64_t chunks = T / LANE_CHUNK_KEYS;
@@ -856,7 +863,7 @@ static __attribute__((noinline)) void flash_pv(const float *p, int64_t p_r, int6
 
 #if FLASH_LANES
 /* A block's weights for the RP lanes: s[t][i] = e^(score - ref[i]) for the tn keys at kh (key t0
- * of the head), alpha[i] = e^(m_old - ref), m and l updated (see above). `visible(i)`: keys of the
+ * of the head), alpha[i] = e^(m_old - ref), m and l updated (see above). seen[i]: the keys of the
  * head row i sees under `causal` (T when not causal). */
 static void flash_block(const float *qT, int64_t RP, const float *kh, int64_t k_t, int64_t D, int64_t t0, int64_t tn,
                         float scale, const float *const *mrow, const int64_t *seen, float *s, float *m, float *l,

@@ -8,12 +8,14 @@ loaded with ctypes and called through `attention_store.kernels.ops`:
 - `now, row tiles`: this source with `-DLANE_ROWS` past every row count (decode attention's row
   tiles for a batch's 24 rows per head);
 - `now, one key chunk`: decode attention's lanes without splitting a head's keys;
+- `now, one PV pass`: decode attention's lanes reading V in one pass per tile, not in blocks;
 - `now, one matvec pass`: no chunks of input blocks for long input rows.
 Workloads, per decode step or prefill (30 layers, each layer's K/V and weights distinct buffers,
 as in a real step, so nothing stays in cache between layers): decode attention of a batch step
 (24 query rows per K/V head, a mask row per prompt), flash attention of the batch's prefill (187
-fresh tokens: 561 rows per head) and of one prompt's (25 tokens: 75 rows), and the packed Q4_1
-products of a step for 8 input rows (down projection 576 x 1,536; gate 1,536 x 576; q 576 x 576).
+fresh tokens as the batch's 8 questions give, masked here as 11 prompts of 17: 561 rows per
+head) and of one prompt's (25 tokens: 75 rows), and the packed Q4_1 products of a step for 8
+input rows (down projection 576 x 1,536; gate 1,536 x 576; q 576 x 576).
 Medians of `--repeats` calls, at each of `--threads`. `--avx2` builds every variant without
 AVX-512 (`-mno-avx512f`), as on a CPU that has AVX2 alone.
 
@@ -30,8 +32,8 @@ import _setup
 
 ROOT = Path(__file__).resolve().parents[2]
 KV, D, LAYERS, CONTEXT = 3, 64, 30, 4000
-VARIANTS = {"now, row tiles": ["-DLANE_ROWS=1000000"], "now, one key chunk": ["-DLANE_CHUNK_KEYS=1000000000"],
-            "now, one matvec pass": ["-DMV_X_BYTES=1000000000"]}
+VARIANTS = {"now, row tiles": ["-DLANE_ROWS=1000000"], "now, one key chunk": ["-DLANE_CHUNK_KEYS=1000000000", "-DLANE_MIN_TASKS=1"],
+            "now, one PV pass": ["-DLANE_PV_KEYS=1000000000"], "now, one matvec pass": ["-DMV_X_BYTES=1000000000"]}
 
 
 def build(source: str, defines: list[str], out: Path) -> ctypes.CDLL:
@@ -115,8 +117,11 @@ def main() -> None:
     from attention_store import kernels
 
     source = (ROOT / "attention_store/kernels/pml_kernels.c").read_text()
-    before = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:attention_store/kernels/pml_kernels.c"],
-                            capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:attention_store/kernels/pml_kernels.c"],
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--baseline {args.baseline}: {shown.stderr.strip()} (give a git revision of this checkout)")
+    before = shown.stdout
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"before": build(before, extra, Path(tmp) / "before.so"), "now": build(source, extra, Path(tmp) / "now.so")}
         libs.update({name: build(source, extra + flags, Path(tmp) / f"v{i}.so") for i, (name, flags) in enumerate(VARIANTS.items())})

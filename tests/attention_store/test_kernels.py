@@ -179,12 +179,14 @@ def test_flash_attention_is_the_same_for_any_thread_count():
     assert torch.equal(one, two)  # a task's rows are computed in the same order on any thread
 
 
-@pytest.mark.parametrize("kv,g,threads", [(3, 24, 2), (3, 25, 2), (2, 13, 3), (1, 30, 2), (3, 3, 2)])
+@pytest.mark.parametrize("kv,g,threads", [(3, 12, 2), (3, 15, 2), (2, 13, 3), (3, 3, 2),  # row tiles
+                                          (3, 24, 2), (3, 25, 2), (1, 30, 2)])  # rows in lanes
 def test_decode_attention_rows_split_among_threads_are_the_same(kv, g, threads):
-    """A packed batch's step (3 key/value heads, 24 rows each, a mask read with a period) on 2
-    threads runs each head's rows as chunks, so the threads get even work; row counts that do not
-    divide evenly, more threads than heads, and a plain step's 3 rows (never split). Every row is
-    bitwise what one thread computes, and equals SDPA."""
+    """Work shared among threads where whole heads would load them unevenly (3 heads on 2
+    threads; more threads than heads; a mask read with a period): below 16 rows a head (a
+    speculative check's 12-15) each head's rows go in chunks, row counts that do not divide evenly
+    included, and a plain step's 3 rows are never split; from 16 (a packed batch's 24) the rows go
+    in vector lanes. Every row is bitwise what one thread computes, and equals SDPA."""
     t, d = 203, 64
     key, value = torch.randn(1, kv, t + 5, d)[:, :, :t], torch.randn(1, kv, t + 5, d)[:, :, :t]
     rows = torch.randn(1, kv, g, d)
@@ -199,12 +201,14 @@ def test_decode_attention_rows_split_among_threads_are_the_same(kv, g, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_attention_lanes_over_key_chunks(threads):
+@pytest.mark.parametrize("kv,t", [(3, 4500), (1, 1100)])  # 2 chunks of 2,048-odd keys; 4 tasks' worth of 275
+def test_decode_attention_lanes_over_key_chunks(threads, kv, t):
     """From 16 rows per head (a packed batch's step) decode attention puts rows in vector lanes and
-    splits each head's keys into chunks (4,500 keys: 2), merged afterwards. Rows that see only the
-    last key (every key of the first chunk at -inf) and rows with a padded last lane vector (26
-    rows) included: equal to SDPA, and bitwise the same on one thread and on two."""
-    t, d, kv, g = 4500, 64, 3, 26
+    splits each head's keys into chunks merged afterwards: one per 2,048 keys, and at least 4 tasks
+    where chunks keep 256 keys (one K/V head at 1,100 keys: 4 chunks). Rows that see only the last
+    key (every key of the first chunks at -inf) and rows with a padded last lane vector (26 rows)
+    included: equal to SDPA, and bitwise the same on one thread and on two."""
+    d, g = 64, 26
     key, value = torch.randn(1, kv, t + 3, d)[:, :, :t], torch.randn(1, kv, t + 3, d)[:, :, :t]
     rows = torch.randn(1, kv, g, d)
     mask = torch.zeros(1, 1, g, t)
@@ -220,8 +224,7 @@ def test_lanes_give_a_row_the_same_bits_in_any_lane_and_after_masked_keys(kernel
     """On the lanes path each score is one fma chain per lane, and a masked key adds exactly 0: a
     row computed among other rows (another lane, another tile) or with masked keys appended (its
     last keys then fall in a full tile instead of the plain-C rest) gives bitwise the same output."""
-    g, t, d = 40 if kernel == "decode_attention" else 130, 203, 64
-    g = min(g, 32) if kernel == "decode_attention" else g
+    g, t, d = 32 if kernel == "decode_attention" else 130, 203, 64
     key, value = torch.randn(1, 2, t + 8, d), torch.randn(1, 2, t + 8, d)
     rows = torch.randn(1, 2, g, d)
     hidden = torch.rand(1, 1, g, t + 8) < 0.3
