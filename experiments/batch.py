@@ -4,15 +4,17 @@ One schema with one module of exactly `--context` tokens of real text (as the sp
 `--batch` different questions. Per repeat, in alternating order: the prompts answered one by one
 with `PromptCache.answer`, and all of them with `PromptCache.answer_batch` (one packed forward
 per step). Throughput = generated tokens / wall time of the whole set, prefill included. The greedy
-outputs of the two ways are compared prompt by prompt.
+outputs of the two ways are compared prompt by prompt. `--contention N` runs N competing PyTorch
+processes (the speed benchmark's) through the timed repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
-from experiments import cli, outputs
+from experiments import cli, outputs, speed_extras
 from experiments.common import document_pool, exact_text, module_tokens
 from experiments.data import data_dir
 from experiments.workloads import prompt_xml, schema_xml
@@ -37,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt, EOS ignored (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    p.add_argument("--contention", type=int, default=0, metavar="N",
+                   help="run N competing PyTorch processes (as `pml bench speed --contention`) during the timed "
+                        "repeats (default: %(default)s)")
     p.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     p.add_argument("--out", default=None, help="run folder (default: runs/batch/<model>)")
     cli.add_device_arguments(p)
@@ -76,14 +81,18 @@ def run(args: argparse.Namespace) -> int:
     rates: dict[str, list[float]] = {w: [] for w in ways}
     answers: dict[str, list] = {}
     packed()  # warm-up, untimed
-    for r in range(max(1, args.repeats)):
-        for way in (ways if r % 2 == 0 else reversed(list(ways))):
-            t = clock.now()
-            got = ways[way]()
-            seconds = clock.now() - t
-            rates[way].append(sum(len(x.token_ids) for x in got) / seconds)
-            answers[way] = got
-            print(f"  repeat {r} {way:10s} {rates[way][-1]:7.2f} tokens/s", flush=True)
+    with speed_extras.Contention(args.contention) as contention:
+        for r in range(max(1, args.repeats)):
+            for way in (ways if r % 2 == 0 else reversed(list(ways))):
+                t = clock.now()
+                got = ways[way]()
+                seconds = clock.now() - t
+                rates[way].append(sum(len(x.token_ids) for x in got) / seconds)
+                answers[way] = got
+                print(f"  repeat {r} {way:10s} {rates[way][-1]:7.2f} tokens/s", flush=True)
+        competing = contention.alive()
+    if args.contention and competing < args.contention:
+        print(f"warning: only {competing} of {args.contention} competitors were still running at the end", file=sys.stderr)
     same = [a.token_ids == b.token_ids for a, b in zip(answers["one_by_one"], answers["batch"])]
     med = {w: statistics.median(v) for w, v in rates.items()}
     ratio = med["batch"] / med["one_by_one"]
@@ -97,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
                              ("Setup", f"- one module of {args.context} tokens; {args.batch} questions; "
                                        f"{args.max_new_tokens} greedy tokens each (EOS ignored); torch threads "
                                        f"{torch.get_num_threads()}; {max(1, args.repeats)} repeats, alternating order\n"
+                                       f"- competing processes: {args.contention} (PyTorch matmuls at torch's default "
+                                       f"thread count, running through every timed repeat)\n"
                                        f"- rerun: `python -m experiments.batch --model {args.model} --batch {args.batch} "
-                                       f"--context {args.context} --threads {args.threads}`\n"),
+                                       f"--context {args.context} --threads {args.threads} --contention {args.contention}`\n"),
                              ("Throughput", outputs.markdown_table(table)
                               + f"\nbatch / one by one = {ratio:.2f}x (goal >= 3x: {result}); greedy outputs identical "
                                 f"for {sum(same)} of {len(same)} prompts.\n")],

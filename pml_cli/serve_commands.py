@@ -27,7 +27,8 @@ def add_commands(sub) -> None:
                    help="accepted API key (repeatable); without one, no authentication")
     p.add_argument("--salt-per-key", action="store_true", help="isolate each API key's cache from the others'")
     p.add_argument("--threads", type=thread_count, metavar="N",
-                   help="torch threads of the model worker (default: $PML_THREADS, else free cores by the load average)")
+                   help="torch threads of the model worker (default: $PML_THREADS, else free cores by the load average "
+                        "less one left to the HTTP front end, at least 1)")
     p.add_argument("--semantic-cache", type=_threshold, metavar="THRESHOLD",
                    help="answer a question whose embedding is at least THRESHOLD cosine-similar to an earlier one "
                         "in the same context and tenant from that earlier answer, without the model (off by default; "

@@ -4,7 +4,13 @@ torch starts one intra-op thread per core. When another process holds a core, ev
 waits for the thread that cannot run: measured here, a 19-token cached forward went from 0.6 s to
 4.5 s beside one busy process. So the default is the cores this process may run on
 (`os.sched_getaffinity`) minus the ones the 1-minute load average says are busy, at least one.
-`PML_THREADS` or `--threads N` override it.
+`PML_THREADS` or `--threads N` override it. A server (`pml serve`) also leaves `SERVER_FRONT_END_CORES`
+to its HTTP front end (event loop, tokenizer, streaming, the prefix cache's disk writes), as vLLM's
+CPU backend reserves a core for its front-end process: a model thread that shares a core with
+them stalls every parallel region, as beside any busy process. Measured here (2 cores, `pml bench
+serving --skip repeat --clients 8 --requests 2 --max-tokens 32`, requests/s at 2 threads against
+1): packed 1.853 / 1.859, one by one 0.828 / 1.048, no cache 0.635 / 0.730 on an idle machine;
+beside a busy PyTorch job (`--contention 1`) 1.171 / 1.579, 0.480 / 0.963, 0.409 / 0.647.
 
 How idle OpenMP threads wait between parallel regions is the other half (`wait_policy`, applied
 by the `pml` command before torch loads; `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set by the user
@@ -26,6 +32,7 @@ import os
 log = logging.getLogger(__name__)
 
 ENV = "PML_THREADS"
+SERVER_FRONT_END_CORES = 1  # cores a server leaves to its HTTP front end (see the module docstring)
 
 
 def usable_cores() -> int:
@@ -44,12 +51,12 @@ def busy_cores() -> int:
         return 0
 
 
-def default_threads() -> int:
-    """`$PML_THREADS` if set, else usable cores minus the busy ones (1-minute load average), at least 1."""
+def default_threads(reserve: int = 0) -> int:
+    """`$PML_THREADS` if set, else usable cores minus the busy ones (1-minute load average) minus
+    `reserve` (cores left to other work of this process), at least 1."""
     if os.environ.get(ENV):
         return parse_threads(os.environ[ENV])
-    cores = usable_cores()
-    return max(1, cores - min(busy_cores(), cores - 1))
+    return max(1, usable_cores() - busy_cores() - reserve)
 
 
 WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # what the user may set instead
@@ -77,11 +84,11 @@ def parse_threads(text: str) -> int:
     return n
 
 
-def apply_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads to `n` (None: `default_threads()`); returns the number used."""
+def apply_threads(n: int | None = None, reserve: int = 0) -> int:
+    """Set torch's intra-op threads to `n` (None: `default_threads(reserve)`); returns the number used."""
     import torch
 
-    n = default_threads() if n is None else n
+    n = default_threads(reserve) if n is None else n
     torch.set_num_threads(n)
     log.debug("torch threads: %d", n)
     return n

@@ -34,7 +34,7 @@ from prompt_cache.engine import PromptCache
 from prompt_cache.generation import GenerationConfig
 from prompt_cache.prefix import PrefixCache, PrefixConfig
 from prompt_cache.semantic.cache import ContextKey, SemanticCache, context_key
-from prompt_cache.threads import apply_threads
+from prompt_cache.threads import SERVER_FRONT_END_CORES, apply_threads
 from prompt_cache.timing import Clock
 from serving import DEFAULT_MAX_BATCH
 
@@ -427,4 +427,4 @@ def _require_xml(text: str, what: str) -> None:
 
 
 def _set_threads(n: int | None) -> None:
-    apply_threads(n)
+    log.info("model thread: %d torch threads", apply_threads(n, reserve=SERVER_FRONT_END_CORES))

@@ -91,7 +91,8 @@ def test_batch_benchmark_compares_outputs_and_reports_the_ratio(tmp_path):
 
     out = tmp_path / "batch"
     code = batch.run(_args(batch, ["--model", "tiny:llama", "--batch", "3", "--context", "48", "--max-new-tokens", "4",
-                                   "--repeats", "1", "--out", str(out)]))
+                                   "--repeats", "1", "--contention", "1", "--out", str(out)]))
     assert code in (0, 1)
     report = (out / "report.md").read_text()
     assert "batch / one by one = " in report and "identical for 3 of 3 prompts" in report
+    assert "competing processes: 1" in report and "--contention 1`" in report

@@ -15,6 +15,35 @@ def test_default_leaves_busy_cores_alone(monkeypatch):
     assert threads.default_threads() == 1  # never zero
 
 
+def test_a_reserve_leaves_cores_to_other_work_but_never_zero_threads(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+    assert threads.default_threads(reserve=1) == 3
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
+    assert threads.default_threads(reserve=1) == 2
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.2, 0.0, 0.0))
+    assert threads.default_threads(reserve=1) == 1
+    monkeypatch.setenv(threads.ENV, "4")
+    assert threads.default_threads(reserve=1) == 4  # what the user set wins
+
+
+def test_the_server_model_thread_leaves_a_core_to_the_front_end(monkeypatch):
+    from serving import worker
+
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    before = torch.get_num_threads()
+    try:
+        worker._set_threads(None)
+        assert torch.get_num_threads() == 2 - threads.SERVER_FRONT_END_CORES == 1
+        worker._set_threads(2)  # --threads 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_environment_overrides_and_bad_values_are_errors(monkeypatch):
     monkeypatch.setenv(threads.ENV, "2")
     assert threads.default_threads() == 2
