@@ -9,7 +9,8 @@ loaded with ctypes and called through `attention_store.kernels.ops`:
   tiles for a batch's 24 rows per head);
 - `now, one key chunk`: decode attention's lanes without splitting a head's keys;
 - `now, one PV pass`: decode attention's lanes reading V in one pass per tile, not in blocks;
-- `now, one matvec pass`: no chunks of input blocks for long input rows.
+- `now, one matvec pass`: no chunks of input blocks for long input rows;
+- `now, no prefetch`: the lanes' score tiles without asking L2 for K and V ahead.
 Workloads, per decode step or prefill (30 layers, each layer's K/V and weights distinct buffers,
 as in a real step, so nothing stays in cache between layers): decode attention of a batch step
 (24 query rows per K/V head, a mask row per prompt), flash attention of the batch's prefill (187
@@ -33,7 +34,8 @@ import _setup
 ROOT = Path(__file__).resolve().parents[2]
 KV, D, LAYERS, CONTEXT = 3, 64, 30, 4000
 VARIANTS = {"now, row tiles": ["-DLANE_ROWS=1000000"], "now, one key chunk": ["-DLANE_CHUNK_KEYS=1000000000", "-DLANE_MIN_TASKS=1"],
-            "now, one PV pass": ["-DLANE_PV_KEYS=1000000000"], "now, one matvec pass": ["-DMV_X_BYTES=1000000000"]}
+            "now, one PV pass": ["-DLANE_PV_KEYS=1000000000"], "now, one matvec pass": ["-DMV_X_BYTES=1000000000"],
+            "now, no prefetch": ["-DLANE_PF_KEYS=0"]}
 
 
 def build(source: str, defines: list[str], out: Path) -> ctypes.CDLL:
