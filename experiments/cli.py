@@ -99,5 +99,10 @@ def build_parser(prog: str = "python -m experiments") -> argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m experiments ...` (and `python -m experiments.X`): sets the OpenMP wait policy as
+    `pml` does (nothing imports torch before this), so both commands measure the same process."""
+    from prompt_cache.threads import set_wait_policy
+
+    set_wait_policy(long_running=False)
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -7,15 +7,14 @@ This module sits above every package and imports torch only inside engine handle
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from prompt_cache.threads import wait_policy  # torch-free
+from prompt_cache.threads import set_wait_policy  # torch-free
 
 # How idle OpenMP threads wait (prompt_cache.threads.wait_policy): read when torch loads its
 # OpenMP runtime, so set before anything imports torch. `pml serve` runs for long: passive.
-os.environ.update(wait_policy(long_running=sys.argv[1:2] == ["serve"]))
+set_wait_policy(long_running=sys.argv[1:2] == ["serve"])
 
 from pml import cli as language_cli
 from pml.layout import Tokenizer

@@ -73,6 +73,20 @@ def wait_policy(long_running: bool) -> dict[str, str]:
     return {}
 
 
+def set_wait_policy(long_running: bool) -> dict[str, str]:
+    """Add `wait_policy(long_running)` to this process's environment, for a command's entry point
+    (`pml`, `python -m experiments`) before anything imports torch: libgomp reads it once, at load,
+    so later it would take no effect here and only pass on to child processes. Returns what it set."""
+    import sys
+
+    if "torch" in sys.modules:
+        log.debug("torch already loaded: OpenMP wait policy left as it is")
+        return {}
+    policy = wait_policy(long_running=long_running)
+    os.environ.update(policy)
+    return policy
+
+
 def parse_threads(text: str) -> int:
     """A thread count from text: a positive integer, else a ValueError saying so."""
     try:

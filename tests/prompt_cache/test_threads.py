@@ -94,3 +94,30 @@ def test_the_pml_command_sets_the_wait_policy_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_ENV}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["False", "PASSIVE"]
+
+
+def test_python_m_experiments_sets_the_wait_policy_before_torch_loads():
+    """`python -m experiments.X` decides the wait policy as `pml bench X` does, before torch loads."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "import prompt_cache.threads as t\n"
+             "decide = t.wait_policy\n"
+             "t.wait_policy = lambda **kw: print('called', 'torch' in sys.modules) or decide(**kw)\n"
+             "from experiments.cli import main\n"
+             "main(['batch', '--help'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_ENV}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "called False"
+
+
+def test_set_wait_policy_changes_nothing_once_torch_is_loaded(monkeypatch):
+    for name in threads.WAIT_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.0, 0.0, 0.0))  # would choose PASSIVE
+    assert "torch" in __import__("sys").modules  # imported at the top of this file
+    assert threads.set_wait_policy(long_running=True) == {}
+    assert not any(name in threads.os.environ for name in threads.WAIT_ENV)
