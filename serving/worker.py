@@ -139,6 +139,7 @@ class Worker:
         self._waiting: list[PmlRequest] = []  # queued PML requests not yet answered (under `lock`)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pml-model",
                                                            initializer=_set_threads, initargs=(threads,))
+        self._pool.submit(int).result()  # start the model thread now: its thread count is set (and logged) at start
 
     async def run(self, fn, *args):
         """Run `fn(*args)` on the model thread; awaitable from the event loop."""
