@@ -12,9 +12,9 @@ serving --skip repeat --clients 8 --requests 2 --max-tokens 32`, requests/s at 2
 1): packed 1.853 / 1.859, one by one 0.828 / 1.048, no cache 0.635 / 0.730 on an idle machine;
 beside a busy PyTorch job (`--contention 1`) 1.171 / 1.579, 0.480 / 0.963, 0.409 / 0.647.
 
-How idle OpenMP threads wait between parallel regions is the other half (`wait_policy`, applied
-by the `pml` command before torch loads; `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set by the user
-win). A decode step opens a few hundred regions. `python scripts/probes/wait_policy.py` (fresh
+How idle OpenMP threads wait between parallel regions is the other half (`wait_policy`, applied by
+`pml` and `python -m experiments` before torch loads through `set_wait_policy`; `OMP_WAIT_POLICY` or
+`GOMP_SPINCOUNT` set by the user win). A decode step opens a few hundred regions. `python scripts/probes/wait_policy.py` (fresh
 processes, 2 threads, the speed benchmark's prompt, 32 tokens) measured decode tokens/s on an idle
 machine: libgomp's default (spin 300,000 times, then sleep) 39.9-40.9, `PASSIVE` (never spin:
 every region wakes its threads through the kernel) 24.2-25.1, slower than one thread's 30.7-31.5;
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def set_wait_policy(long_running: bool) -> dict[str, str]:
     """Add `wait_policy(long_running)` to this process's environment, for a command's entry point
     (`pml`, `python -m experiments`) before anything imports torch: libgomp reads it once, at load,
     so later it would take no effect here and only pass on to child processes. Returns what it set."""
-    import sys
-
     if "torch" in sys.modules:
         log.debug("torch already loaded: OpenMP wait policy left as it is")
         return {}
