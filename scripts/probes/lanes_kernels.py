@@ -16,7 +16,7 @@ as in a real step, so nothing stays in cache between layers): decode attention o
 (24 query rows per K/V head, a mask row per prompt), flash attention of the batch's prefill (187
 fresh tokens as the batch's 8 questions give, masked here as 11 prompts of 17: 561 rows per
 head) and of one prompt's (25 tokens: 75 rows), and the packed Q4_1 products of a step for 8
-input rows (down projection 576 x 1,536; gate 1,536 x 576; q 576 x 576).
+input rows and for 1 (a plain decode step) (down projection 576 x 1,536; gate 1,536 x 576; q 576 x 576).
 Medians of `--repeats` calls, at each of `--threads`. `--avx2` builds every variant without
 AVX-512 (`-mno-avx512f`), as on a CPU that has AVX2 alone.
 
@@ -92,6 +92,7 @@ def workloads():
     one_q = torch.randn(1, KV, 3 * 25, D)
     mats = {(o, i): [q4_1_blocks(o, i) for _ in range(LAYERS)] for o, i in ((576, 1536), (1536, 576), (576, 576))}
     xs = {i: torch.randn(8, i) for i in (576, 1536)}
+    x1 = {i: torch.randn(1, i) for i in (576, 1536)}
     out = {
         "decode attention, batch step (24 rows)": lambda: [ops.decode_attention(step_q, k, v, step_mask, 0.125)
                                                           for k, v in step_kv],
@@ -102,6 +103,8 @@ def workloads():
     }
     for (o, i), ws in mats.items():
         out[f"matvec {o} x {i}, 8 rows"] = lambda ws=ws, o=o, i=i: [ops.matvec("q4_1", w, xs[i], o) for w in ws]
+    for (o, i), ws in mats.items():
+        out[f"matvec {o} x {i}, 1 row"] = lambda ws=ws, o=o, i=i: [ops.matvec("q4_1", w, x1[i], o) for w in ws]
     return out
 
 
