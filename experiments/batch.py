@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt, EOS ignored (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
-    p.add_argument("--contention", type=int, default=0, metavar="N",
+    p.add_argument("--contention", type=cli.count, default=0, metavar="N",
                    help="run N competing PyTorch processes (as `pml bench speed --contention`) during the timed "
                         "repeats (default: %(default)s)")
     p.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")

@@ -31,6 +31,17 @@ EXPERIMENTS = {
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # as prompt_cache.models.DEVICE_MAPS
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0 (`pml` and the experiments), else a one-line error."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return n
+
+
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """`--device` and `--device-map` for every command that loads a model (experiments and `pml`)."""
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps: the whole model on one device (default: cpu; "

@@ -26,6 +26,7 @@ import time
 from types import SimpleNamespace
 
 from experiments import outputs, speed_extras
+from experiments.cli import count
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, reset_store_dir
 from prompt_cache import DEFAULT_MODEL
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-prefix", type=int, default=1024, help="(default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=16, help="prefix cache block (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
-    parser.add_argument("--contention", type=int, default=0, metavar="N",
+    parser.add_argument("--contention", type=count, default=0, metavar="N",
                         help="run N competing PyTorch processes (as `pml bench speed --contention`) while the "
                              "servers answer (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: repeat, concurrent")

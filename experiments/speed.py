@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: %(default)s: on a shared machine, intra-op threads stall on "
                              "each other whenever another process holds a core; 0 = torch's default)")
-    parser.add_argument("--contention", type=int, default=0, metavar="N",
+    parser.add_argument("--contention", type=cli.count, default=0, metavar="N",
                         help="run N competing PyTorch processes (multi-threaded matmuls, torch's default threads) "
                              "during the timed repeats; they stop by themselves (default: %(default)s)")
     parser.add_argument("--cli", action="store_true",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from attention_store.policies import BUILTIN_SPECS, DEFAULT_POLICY, get_policy
-from experiments.cli import add_device_arguments
+from experiments.cli import add_device_arguments, count
 from pml.model import Prompt, Schema
 from prompt_cache import DEFAULT_MODEL
 
@@ -59,8 +59,8 @@ def add_commands(sub) -> None:
                    help="comma-separated policy specs (default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (smollm2-135m, gemma3-270m) or model folder")
     p.add_argument("--store", type=_store_folder, help="store folder (default: a user cache folder, one per model)")
-    p.add_argument("--max-new-tokens", type=_count, default=64)
-    p.add_argument("--kl-tokens", type=_count, default=32, help="KL along at most this many baseline answer tokens")
+    p.add_argument("--max-new-tokens", type=count, default=64)
+    p.add_argument("--kl-tokens", type=count, default=32, help="KL along at most this many baseline answer tokens")
     _threads_arg(p)
     add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -76,7 +76,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="the example schema answered with and without the cache")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name or model folder")
     p.add_argument("--store", type=_store_folder, help="store folder (default: a user cache folder)")
-    p.add_argument("--max-new-tokens", type=_count, default=48)
+    p.add_argument("--max-new-tokens", type=count, default=48)
     _threads_arg(p)
     add_device_arguments(p)
     p.set_defaults(func=_user_errors(cmd_demo))
@@ -95,14 +95,6 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
 # -- argument types: checked while parsing, before any model loads or anything is written ---------
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return n
 
 
 def _finite(text: str) -> float:
@@ -203,7 +195,7 @@ def _policy_list(text: str) -> list[str]:
 
 
 def _generation_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=_count, default=64)
+    p.add_argument("--max-new-tokens", type=count, default=64)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=_seed, help="sampling seed, in [0, 2**64 - 1]")

@@ -96,3 +96,15 @@ def test_batch_benchmark_compares_outputs_and_reports_the_ratio(tmp_path):
     report = (out / "report.md").read_text()
     assert "batch / one by one = " in report and "identical for 3 of 3 prompts" in report
     assert "competing processes: 1" in report and "--contention 1`" in report
+
+
+@pytest.mark.parametrize("name", ["batch", "speed", "serving"])
+@pytest.mark.parametrize("bad", ["-1", "two"])
+def test_a_bad_contention_count_is_a_one_line_error(name, bad, capsys):
+    """`--contention` takes a whole number >= 0; anything else stops the parser before work starts."""
+    from experiments.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([name, "--contention", bad])
+    assert e.value.code == 2
+    assert f"--contention: expected a whole number >= 0, got '{bad}'" in capsys.readouterr().err
