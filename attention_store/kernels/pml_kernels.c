@@ -626,14 +626,15 @@ LANES_QK(3)
 #define LANE_PF_KEYS 128
 #endif
 /* Each layer's K and V come from memory, not cache (a step or a prefill reads every layer's in
- * turn), and the hardware prefetcher leaves the score tiles waiting on them: over K/V already in
- * cache, a batch step's decode attention ran about a quarter faster in a scratch driver. So each
- * key tile asks L2 (not L1, where its operands are) for the V rows of its keys, which the PV pass
- * reads next, before its products, and after them for the K rows LANE_PF_KEYS keys ahead, while
- * within the `ahead` keys the caller will read. Both before the products gained nothing in that
- * driver. `scripts/probes/lanes_kernels.py` (`now` against `now, no prefetch`, one thread): one
- * prompt's prefill 89.0 against 105.7 ms, a batch's 717 against 779, a batch step's decode
- * attention 35.0 against 36.0. 16 floats: a cache line. */
+ * turn), and the hardware prefetcher leaves the score tiles waiting on them: a batch step's
+ * decode attention took 35.7 ms without prefetches, 26.9 over one layer's K/V in cache
+ * (`scripts/probes/lanes_kernels.py`, `now, no prefetch`, one thread). So each key tile asks L2
+ * (not L1, where its operands are) for the V rows of its keys, which the PV pass reads next,
+ * before its products, and after them for the K rows LANE_PF_KEYS keys ahead, while within the
+ * `ahead` keys the caller will read (both before the products gained nothing in a scratch build).
+ * The same probe, `now` against `now, no prefetch`: one prompt's prefill 89.0 against 105.7 ms,
+ * a batch's 717 against 779, the batch step 34.4 against 35.7 (48.9 -> 41.5 built without
+ * AVX-512). 16 floats: a cache line. */
 static inline void lanes_prefetch_v(const float *vh, int64_t v_t, int64_t D, int64_t t) {
   for (int j = 0; j < LK; ++j)
     for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vh + (t + j) * v_t + c, 0, 1);
@@ -864,8 +865,8 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
  * m, sum l, output rescaled by alpha = e^(m_old - m_new)), so its scores and output stay in L2.
  * Scores: with AVX-512VL the lanes tiles above (key-major, K read in place); otherwise FQ rows x 16
  * keys over keys transposed into panels once per block (with AVX2's 16 registers the lanes tile is
- * 1 vector x 8 keys, one broadcast per FMA: a prefill ran 9-12% slower than on panels, measured
- * with `scripts/probes/lanes_kernels.py --avx2`). The output update is a register tile of FV rows
+ * 1 vector x 8 keys, one broadcast per FMA: a batch's prefill ran 946.5 against 779.4 ms on panels,
+ * `scripts/probes/lanes_kernels.py --avx2`, `now, lanes flash` against `now`). The output update is a register tile of FV rows
  * x 32 dims (V read in place). A masked key gives exactly 0, as above. `causal` > 0: row g also
  * sees only keys t <= T - causal + g % causal (the causal mask of `causal` new tokens at the end
  * of the keys, for every head of a group), and key blocks past a task's last visible key are
@@ -873,14 +874,21 @@ void pml_decode_attention(const float *q, const float *k, const float *v, const 
 
 #define FK 128 /* keys per block */
 #define FR 120 /* query rows per task: a multiple of LW, FQ and FV */
-#ifdef __AVX512VL__ /* 24 accumulators: the 32 vector registers of AVX-512VL */
+#ifndef FLASH_LANES /* -DFLASH_LANES=1 without AVX-512VL: scripts/probes/lanes_kernels.py --avx2 */
+#ifdef __AVX512VL__
 #define FLASH_LANES 1
-#define FV 6
 #else
 #define FLASH_LANES 0
+#endif
+#endif
+#ifdef __AVX512VL__ /* 24 accumulators: the 32 vector registers of AVX-512VL */
+#define FV 6
+#else
+#define FV 2
+#endif
+#if !FLASH_LANES
 #define FP 16 /* keys per transposed panel */
 #define FQ 6
-#define FV 2
 #endif
 
 /* o[r][0 .. 32) = o[r][..] * alpha[r] + sum_{t < tn} p[r * p_r + t * p_t] v[t][..] for rows r < rn

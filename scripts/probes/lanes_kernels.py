@@ -10,9 +10,12 @@ loaded with ctypes and called through `attention_store.kernels.ops`:
 - `now, one key chunk`: decode attention's lanes without splitting a head's keys;
 - `now, one PV pass`: decode attention's lanes reading V in one pass per tile, not in blocks;
 - `now, one matvec pass`: no chunks of input blocks for long input rows;
-- `now, no prefetch`: the lanes' score tiles without asking L2 for K and V ahead.
+- `now, no prefetch`: the lanes' score tiles without asking L2 for K and V ahead;
+- `now, lanes flash`: the flash kernel's scores on the lanes tiles whatever the CPU (the default
+  with AVX-512VL; with `--avx2` it is the 1-vector lanes tile against the key panels kept there).
 Workloads, per decode step or prefill (30 layers, each layer's K/V and weights distinct buffers,
 as in a real step, so nothing stays in cache between layers): decode attention of a batch step
+(and, for what memory costs it, the same over one layer's K/V 30 times, which stays in cache)
 (24 query rows per K/V head, a mask row per prompt), flash attention of the batch's prefill (187
 fresh tokens as the batch's 8 questions give, masked here as 11 prompts of 17: 561 rows per
 head) and of one prompt's (25 tokens: 75 rows), and the packed Q4_1 products of a step for 8
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KV, D, LAYERS, CONTEXT = 3, 64, 30, 4000
 VARIANTS = {"now, row tiles": ["-DLANE_ROWS=1000000"], "now, one key chunk": ["-DLANE_CHUNK_KEYS=1000000000", "-DLANE_MIN_TASKS=1"],
             "now, one PV pass": ["-DLANE_PV_KEYS=1000000000"], "now, one matvec pass": ["-DMV_X_BYTES=1000000000"],
-            "now, no prefetch": ["-DLANE_PF_KEYS=0"]}
+            "now, no prefetch": ["-DLANE_PF_KEYS=0"], "now, lanes flash": ["-DFLASH_LANES=1"]}
 
 
 def build(source: str, defines: list[str], out: Path) -> ctypes.CDLL:
@@ -96,6 +99,8 @@ def workloads():
     out = {
         "decode attention, batch step (24 rows)": lambda: [ops.decode_attention(step_q, k, v, step_mask, 0.125)
                                                           for k, v in step_kv],
+        "the same, one layer's K/V 30 times (cached)": lambda: [ops.decode_attention(step_q, *step_kv[0], step_mask, 0.125)
+                                                               for _ in step_kv],
         "flash attention, batch prefill (561 rows)": lambda: [ops.flash_attention(pre_q, k, v, pre_mask, 0.125)
                                                              for k, v in pre_kv],
         "flash attention, one prefill (75 rows)": lambda: [ops.flash_attention(one_q, k, v, one_mask, 0.125)
@@ -135,13 +140,13 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             print(f"\n{threads} thread(s), ms (median of {args.repeats}):")
-            print(f"  {'':44s}" + "".join(f"{name:>22s}" for name in libs))
+            print(f"  {'':46s}" + "".join(f"{name:>22s}" for name in libs))
             for name, fn in work.items():
                 row = []
                 for lib in libs.values():
                     kernels._lib = lib
                     row.append(_setup.median_ms(fn, args.repeats))
-                print(f"  {name:44s}" + "".join(f"{ms:22.1f}" for ms in row))
+                print(f"  {name:46s}" + "".join(f"{ms:22.1f}" for ms in row))
 
 
 if __name__ == "__main__":
