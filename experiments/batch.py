@@ -34,11 +34,11 @@ QUESTIONS = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="prompts per batch, at most %d (default: %%(default)s)" % len(QUESTIONS))
-    p.add_argument("--context", type=int, default=4000, help="tokens in the cached module (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt, EOS ignored (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    p.add_argument("--batch", type=cli.positive, default=8, help="prompts per batch, at most %d (default: %%(default)s)" % len(QUESTIONS))
+    p.add_argument("--context", type=cli.positive, default=4000, help="tokens in the cached module (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=cli.positive, default=32, help="greedy tokens per prompt, EOS ignored (default: %(default)s)")
+    p.add_argument("--repeats", type=cli.positive, default=3, help="timed repeats of each way (default: %(default)s)")
+    cli.add_threads_argument(p)
     p.add_argument("--contention", type=cli.count, default=0, metavar="N",
                    help="run N competing PyTorch processes (as `pml bench speed --contention`) during the timed "
                         "repeats (default: %(default)s)")
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.batch <= len(QUESTIONS):
         raise SystemExit(f"pml bench batch: error: --batch must be between 1 and {len(QUESTIONS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     out = outputs.run_dir(f"batch/{args.model.replace(':', '-').replace('/', '_')}", args.out)
     lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
     text, _ = exact_text(lm.tokenizer, document_pool(data_dir(args.data), lm.tokenizer, args.context), args.context)
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     answers: dict[str, list] = {}
     packed()  # warm-up, untimed
     with speed_extras.Contention(args.contention) as contention:
-        for r in range(max(1, args.repeats)):
+        for r in range(args.repeats):
             for way in (ways if r % 2 == 0 else reversed(list(ways))):
                 t = clock.now()
                 got = ways[way]()
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                          dtype=str(next(lm.model.parameters()).dtype).removeprefix("torch."), sections=[
                              ("Setup", f"- one module of {args.context} tokens; {args.batch} questions; "
                                        f"{args.max_new_tokens} greedy tokens each (EOS ignored); torch threads "
-                                       f"{torch.get_num_threads()}; {max(1, args.repeats)} repeats, alternating order\n"
+                                       f"{torch.get_num_threads()}; {args.repeats} repeats, alternating order\n"
                                        f"- competing processes: {args.contention} (PyTorch matmuls at torch's default "
                                        f"thread count, running through every timed repeat)\n"
                                        f"- rerun: `python -m experiments.batch --model {args.model} --batch {args.batch} "

@@ -31,15 +31,83 @@ EXPERIMENTS = {
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # as prompt_cache.models.DEVICE_MAPS
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number >= 0 (`pml` and the experiments), else a one-line error."""
+def _whole(text: str, least: int, most: int | None = None) -> int:
+    what = f"a whole number >= {least}" if most is None else f"a whole number from {least} to {most}"
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if n < least or (most is not None and n > most):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return n
+
+
+# argparse types of every numeric option of `pml` and the experiments: a bad value is a one-line
+# usage error naming the option, before anything loads (never a traceback, nor a count quietly raised).
+def count(text: str) -> int:
+    """A whole number >= 0."""
+    return _whole(text, 0)
+
+
+def positive(text: str) -> int:
+    """A whole number >= 1."""
+    return _whole(text, 1)
+
+
+def port(text: str) -> int:
+    """A TCP port, 0-65535 (0: any free one)."""
+    return _whole(text, 0, 65535)
+
+
+def thread_count(text: str) -> int:
+    """`--threads` of `pml run`/`serve`/...: a positive integer (`prompt_cache.threads.parse_threads`)."""
+    from prompt_cache.threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+BENCH_THREADS = 1  # the benchmarks' torch threads unless told: the same count in every run and on any machine
+
+
+def add_threads_argument(p: argparse.ArgumentParser, default: int | None = BENCH_THREADS, engines: str = "") -> None:
+    """`--threads N` of an experiment. Unset: `$PML_THREADS`, else `default` (None: the thread
+    policy's choice). 0: the thread policy's choice (`prompt_cache.threads`: the free cores by the
+    load average, as `pml run` uses), not torch's one thread per core, which stalls whenever
+    another process holds a core."""
+    said = "the free cores by the load average" if default is None else default
+    p.add_argument("--threads", type=count, default=None, metavar="N",
+                   help=f"{engines or 'torch'} threads (default: $PML_THREADS, else {said}; 0: as `pml run` "
+                        "chooses, $PML_THREADS or the free cores by the load average)")
+    p.set_defaults(threads_default=default)
+
+
+def bench_threads(args: argparse.Namespace) -> int:
+    """The thread count `add_threads_argument` asked for, resolved except for 0 (the policy's
+    choice, which a server decides for itself)."""
+    import os
+
+    from prompt_cache.threads import ENV, parse_threads
+
+    if args.threads is not None:
+        return args.threads
+    if os.environ.get(ENV):
+        try:
+            return parse_threads(os.environ[ENV])
+        except ValueError as e:
+            raise SystemExit(f"error: ${ENV}: {e}") from None
+    return 0 if args.threads_default is None else args.threads_default
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's threads as `--threads` asks (see `add_threads_argument`); `args.threads` becomes
+    the count used, so reports and rerun commands state it. Returns it."""
+    from prompt_cache import threads
+
+    args.threads = threads.apply_threads(bench_threads(args) or None)
+    return args.threads
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:

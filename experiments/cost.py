@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from experiments import outputs
+from experiments import cli, outputs
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, reset_store_dir, split_exact
 from prompt_cache import DEFAULT_MODEL
@@ -58,19 +58,19 @@ TOOLS = ["search_invoices", "open_invoice", "get_customer", "tax_rate_for_region
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of %(default)s")
-    parser.add_argument("--system-tokens", type=int, default=1500, help="agent system prompt tokens (default: %(default)s)")
-    parser.add_argument("--tools", type=int, default=len(TOOLS), help="tools in the agent's tool list (default: %(default)s)")
-    parser.add_argument("--turns", type=int, default=5, help="agent turns (default: %(default)s)")
-    parser.add_argument("--doc-tokens", type=int, default=2000, help="document tokens (default: %(default)s)")
-    parser.add_argument("--questions", type=int, default=5, help="questions over the document (default: %(default)s)")
-    parser.add_argument("--modules", type=int, default=8, help="PML modules (default: %(default)s)")
-    parser.add_argument("--module-tokens", type=int, default=400,
+    parser.add_argument("--system-tokens", type=cli.positive, default=1500, help="agent system prompt tokens (default: %(default)s)")
+    parser.add_argument("--tools", type=cli.count, default=len(TOOLS), help="tools in the agent's tool list (default: %(default)s)")
+    parser.add_argument("--turns", type=cli.positive, default=5, help="agent turns (default: %(default)s)")
+    parser.add_argument("--doc-tokens", type=cli.positive, default=2000, help="document tokens (default: %(default)s)")
+    parser.add_argument("--questions", type=cli.positive, default=5, help="questions over the document (default: %(default)s)")
+    parser.add_argument("--modules", type=cli.positive, default=8, help="PML modules (default: %(default)s)")
+    parser.add_argument("--module-tokens", type=cli.positive, default=400,
                         help="tokens per PML module: 3 per prompt, so prompts pass the 1,024-token minimum "
                              "prefix (default: %(default)s)")
-    parser.add_argument("--prompts", type=int, default=6, help="PML prompts, 3 modules each (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=8, help="tokens generated per request (default: %(default)s)")
-    parser.add_argument("--min-prefix", type=int, default=1024, help="the caching server's minimum prefix (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    parser.add_argument("--prompts", type=cli.positive, default=6, help="PML prompts, 3 modules each (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=cli.positive, default=8, help="tokens generated per request (default: %(default)s)")
+    parser.add_argument("--min-prefix", type=cli.count, default=1024, help="the caching server's minimum prefix (default: %(default)s)")
+    cli.add_threads_argument(parser, engines="each server's model")
     parser.add_argument("--prices", help="JSON file overriding PRICES (same shape: provider -> field -> USD per Mtok)")
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/cost/<model>)")
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     out = outputs.run_dir(f"cost/{args.model.replace(':', '-').replace('/', '_')}", args.out)
     data = data_dir(args.data)
     tokenizer = _tokenizer(args.model, load_tokenizer)
+    args.threads = cli.bench_threads(args)  # 0: each server chooses (leaving a core to its front end)
     flags = ["--min-prefix", str(args.min_prefix)] + (["--threads", str(args.threads)] if args.threads else [])
     rows = []
     with live_server(args.model, "--store", str(reset_store_dir(out / "store-scratch")), *flags,

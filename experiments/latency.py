@@ -55,12 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context lengths in tokens, comma-separated (default: %(default)s; 8192 works too)")
     parser.add_argument("--modules", default=",".join(map(str, DEFAULT_MODULES)),
                         help="module counts the context is split into (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per point (default: %(default)s)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per answer, for the decode rate (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="run only the first N lengths (quick runs)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default: %(default)s: on a shared machine, intra-op threads stall on "
-                             "each other whenever another process holds a core; 0 = torch's default)")
+    parser.add_argument("--repeats", type=cli.positive, default=3, help="timed repeats per point (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=cli.positive, default=16, help="tokens generated per answer, for the decode rate (default: %(default)s)")
+    parser.add_argument("--limit", type=cli.positive, default=None, help="run only the first N lengths (quick runs)")
+    cli.add_threads_argument(parser)
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/latency/<model>)")
     cli.add_device_arguments(parser)
@@ -79,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
     counts = [int(x) for x in str(args.modules).split(",") if x.strip()]
     if args.limit is not None:
         lengths = lengths[: args.limit]
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
     model_tag = args.model.replace(":", "-").replace("/", "_")
     out = outputs.run_dir(f"latency/{model_tag}", args.out)
     world = distributed.world()
@@ -90,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     # Split the full point list (not what is left), so every process computes the same split.
     points = distributed.share([Point(L, K) for L in lengths for K in counts if K <= L], world)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     from prompt_cache.models import describe_placement, layer_devices, load_model
 
     state = distributed.start(world)

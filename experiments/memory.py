@@ -38,13 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "--models", dest="models", default=",".join(DEFAULT_MODELS),
                         help="models, comma-separated: registry names, dirs or tiny:<arch> (default: %(default)s)")
     parser.add_argument("--dtypes", default=",".join(STORAGE_DTYPES), help="storage dtypes to measure (default: %(default)s)")
-    parser.add_argument("--probe-tokens", type=int, default=512,
+    parser.add_argument("--probe-tokens", type=cli.positive, default=512,
                         help="tokens of the document encoded per dtype for bytes/token (default: %(default)s)")
-    parser.add_argument("--doc-tokens", type=int, default=2048,
+    parser.add_argument("--doc-tokens", type=cli.positive, default=2048,
                         help="tokens of the document-QA workload (default: %(default)s)")
-    parser.add_argument("--passages", type=int, default=20, help="MuSiQue passages per schema (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="run only the first N models (quick runs)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    parser.add_argument("--passages", type=cli.positive, default=20, help="MuSiQue passages per schema (default: %(default)s)")
+    parser.add_argument("--limit", type=cli.positive, default=None, help="run only the first N models (quick runs)")
+    cli.add_threads_argument(parser)
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/memory)")
     cli.add_device_arguments(parser)
@@ -135,7 +135,6 @@ def workloads(data: Path, lm, doc_tokens: int, passages: int) -> list[tuple[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from attention_store.adapter import kv_shape
@@ -144,8 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     models = [m for m in str(args.models).split(",") if m.strip()][: args.limit]
     dtypes = [d for d in str(args.dtypes).split(",") if d.strip()]
     for d in dtypes:

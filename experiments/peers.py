@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from experiments import outputs
+from experiments import cli, outputs
 from experiments.common import document_pool, exact_text, piece_sizes, rotated, split_exact
 from experiments.data import data_dir
 from experiments.speed import QUESTION
@@ -37,11 +37,9 @@ INSTALL = ("pml bench peers needs llama-cpp-python, an optional extra: pip insta
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="a registry model with a GGUF file (default: %(default)s)")
-    p.add_argument("--context", type=int, default=4000, help="tokens in the document (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each case and engine (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads of both engines (torch intra-op, llama.cpp n_threads and n_threads_batch; "
-                        "default: %(default)s)")
+    p.add_argument("--context", type=cli.positive, default=4000, help="tokens in the document (default: %(default)s)")
+    p.add_argument("--repeats", type=cli.positive, default=3, help="timed repeats of each case and engine (default: %(default)s)")
+    cli.add_threads_argument(p, engines="both engines' (torch intra-op, llama.cpp n_threads and n_threads_batch)")
     p.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     p.add_argument("--out", default=None, help="run folder (default: runs/peers/<model>)")
 
@@ -75,8 +73,6 @@ class LlamaCpp:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from attention_store.store import AttentionStore
     from attention_store.tiers import MemoryTier
     from pml.builder import PromptBuilder, SchemaBuilder
@@ -91,13 +87,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {args.model!r} is not a registry model with a GGUF file") from None
     except RuntimeError as e:  # its package is not installed: the message says what to install
         raise SystemExit(f"error: {e}") from None
-    if args.threads < 1:
-        raise SystemExit("error: --threads must be at least 1 (both engines get the same count)")
     try:
         import llama_cpp
     except ImportError:
         raise SystemExit(f"error: {INSTALL}") from None
-    torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     out = outputs.run_dir(f"peers/{args.model}", args.out)
     lm = load_model(args.model)
     pool = document_pool(data_dir(args.data), lm.tokenizer, args.context)
@@ -150,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         engine("prefix")
     rows = []
     runs = [(e, c) for c in CASES for e in engines]
-    for r in range(max(1, args.repeats)):
+    for r in range(args.repeats):
         for engine, case in rotated(runs, r):
             ms, token = engines[engine](case)
             rows.append({"engine": engine, "case": case, "repeat": r, "ttft_ms": ms, "first_token": token})
@@ -180,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                                        f"pml: the weights converted from it\n"
                                        f"- document {args.context} tokens, question {fresh} tokens; modular: quarters "
                                        f"2 and 4 of the document + the question\n"
-                                       f"- threads {args.threads} (both); {max(1, args.repeats)} repeats, medians\n"),
+                                       f"- threads {args.threads} (both); {args.repeats} repeats, medians\n"),
                              ("TTFT", outputs.markdown_table(table) + f"\n{verdict}\n\n![TTFT]({figure.name})\n")],
                          processes="1 (single process)")
     print(outputs.markdown_table(table))

@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: longbench/<name>, longbench_mini/<name>, leval/<name>, musique; "
                         "folder/* selects a whole folder; name:N limits that task to N items "
                         f"(default: {DEFAULT_TASKS})")
-    p.add_argument("--limit", type=int, help="items per task without its own :N (default: all)")
+    p.add_argument("--limit", type=cli.positive, help="items per task without its own :N (default: all)")
     p.add_argument("--policy", nargs="+", type=policy_spec, default=list(POLICIES), metavar="POLICY",
                    help="encoding policies to compare with the baseline: independent, independent:nosink, schema, "
                         "blend:R, link:K (default: independent schema)")
@@ -42,14 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="registry name (smollm2-135m, gemma3-270m), model folder, or tiny:<arch> for smoke tests")
     p.add_argument("--data", help="evaluation data folder (default: $PML_DATA or ../shared/data)")
     p.add_argument("--out", help="output folder (default: runs/quality/<model>)")
-    p.add_argument("--max-context-tokens", type=int, default=2048,
+    p.add_argument("--max-context-tokens", type=cli.positive, default=2048,
                    help="contexts longer than this are truncated, explicitly and reported (default 2048)")
-    p.add_argument("--max-new-tokens", type=int, help="override every task's max new tokens")
+    p.add_argument("--max-new-tokens", type=cli.positive, help="override every task's max new tokens")
     p.add_argument("--no-kl", action="store_true", help="skip the KL fidelity measure (saves a prefill per item)")
-    p.add_argument("--kl-tokens", type=int, default=32,
+    p.add_argument("--kl-tokens", type=cli.positive, default=32,
                    help="KL over at most the first N tokens of the baseline answer (default 32; bounds CPU time)")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: torch's choice; on a busy machine 1 is often faster)")
+    cli.add_threads_argument(p, default=None)
     cli.add_device_arguments(p)
     p.add_argument("--storage-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="dtype of the stored module states (default: %(default)s; fp16 halves them on a GPU)")
@@ -298,11 +297,9 @@ def write_report(root: Path, summary: list[dict], all_rows: dict[str, list[dict]
 
 def run(args: argparse.Namespace) -> int:
     """One process, or one of several under `accelerate launch` (see experiments/distributed.py)."""
-    import torch
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     world = distributed.world()
     root_data = data_dir(args.data)
     tasks = workloads.expand_tasks(args.tasks, root_data)

@@ -25,7 +25,7 @@ import re
 import sys
 from collections import Counter
 
-from experiments import outputs
+from experiments import cli, outputs
 from experiments.data import data_dir
 
 THRESHOLDS = "0.80,0.85,0.88,0.90,0.92,0.94,0.95,0.96,0.97,0.98"
@@ -52,10 +52,10 @@ REWRITES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--paragraphs", type=int, default=150, help="SQuAD paragraphs used (default: %(default)s)")
+    parser.add_argument("--paragraphs", type=cli.positive, default=150, help="SQuAD paragraphs used (default: %(default)s)")
     parser.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated cosine thresholds")
     parser.add_argument("--index", default="auto", choices=["auto", "faiss", "flat"], help="vector index (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    cli.add_threads_argument(parser)
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/semantic)")
 
@@ -184,13 +184,10 @@ def closest_negatives(paras: list[list[dict]], embedder, n: int = 8) -> list[dic
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from prompt_cache.semantic.cache import normalize_question
     from prompt_cache.semantic.embedder import MiniLMEmbedder
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
 
     path = data_dir(args.data) / "squad_v2" / "dev-v2.0.cs224n.json"
     if not path.is_file():

@@ -26,6 +26,7 @@ import time
 from types import SimpleNamespace
 
 from experiments import outputs, speed_extras
+from experiments import cli
 from experiments.cli import count
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, reset_store_dir
@@ -36,15 +37,15 @@ QUESTION = "In one sentence: what is the main event described above?"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
-    parser.add_argument("--system-tokens", type=int, default=1500, help="(default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="cold/warm pairs, each with another text (default: %(default)s)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--requests", type=int, default=3, help="requests per client (default: %(default)s)")
-    parser.add_argument("--modules", type=int, default=10, help="passages in the shared schema (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request (default: %(default)s)")
-    parser.add_argument("--min-prefix", type=int, default=1024, help="(default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=16, help="prefix cache block (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    parser.add_argument("--system-tokens", type=cli.positive, default=1500, help="(default: %(default)s)")
+    parser.add_argument("--repeats", type=cli.positive, default=3, help="cold/warm pairs, each with another text (default: %(default)s)")
+    parser.add_argument("--clients", type=cli.positive, default=8, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--requests", type=cli.positive, default=3, help="requests per client (default: %(default)s)")
+    parser.add_argument("--modules", type=cli.positive, default=10, help="passages in the shared schema (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=cli.positive, default=4, help="tokens generated per request (default: %(default)s)")
+    parser.add_argument("--min-prefix", type=cli.count, default=1024, help="(default: %(default)s)")
+    parser.add_argument("--block-size", type=cli.positive, default=16, help="prefix cache block (default: %(default)s)")
+    cli.add_threads_argument(parser, engines="each server's model")
     parser.add_argument("--contention", type=count, default=0, metavar="N",
                         help="run N competing PyTorch processes (as `pml bench speed --contention`) while the "
                              "servers answer (default: %(default)s)")
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     data = data_dir(args.data)
     tokenizer = _tokenizer(args.model, load_tokenizer)
     flags = ["--min-prefix", str(args.min_prefix), "--block-size", str(args.block_size)]
+    args.threads = cli.bench_threads(args)  # 0: each server chooses (leaving a core to its front end)
     flags += ["--threads", str(args.threads)] if args.threads else []
     result: dict = {"model": args.model}
     with contextlib.ExitStack() as servers:

@@ -26,11 +26,12 @@ from prompt_cache import DEFAULT_MODEL
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tasks", default="musique,longbench_mini/hotpotqa,longbench_mini/multifieldqa_en")
-    p.add_argument("--limit", type=int, default=6, help="items per task")
-    p.add_argument("--max-context-tokens", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--limit", type=cli.positive, default=6, help="items per task")
+    p.add_argument("--max-context-tokens", type=cli.positive, default=2048)
+    p.add_argument("--max-new-tokens", type=cli.positive, default=24)
     p.add_argument("--data", help="data folder (default: $PML_DATA or ../shared/data)")
     p.add_argument("--out", help="run folder (default: runs/sink/<model>)")
+    cli.add_threads_argument(p, default=None)
     cli.add_device_arguments(p)
 
 
@@ -39,6 +40,7 @@ def run(args) -> int:
     from prompt_cache.generation import GenerationConfig
     from prompt_cache.models import describe_placement, load_model
 
+    cli.apply_threads(args)
     lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)
     root = D.data_dir(args.data)
     out = outputs.run_dir(f"sink/{lm.name}", args.out)

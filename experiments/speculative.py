@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from experiments import outputs
+from experiments import cli, outputs
 from experiments.data import data_dir, load_longbench
 from experiments.common import rotated
 from experiments.workloads import TEMPLATES, build_prompt, build_schema, schema_name
@@ -30,12 +30,12 @@ TASKS = ("multi_news", "qmsum")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="LongBench tasks under longbench/ (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=5, help="items per task (default: %(default)s)")
-    parser.add_argument("--context-tokens", type=int, default=1500, help="context cut to about this many tokens (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=cli.positive, default=5, help="items per task (default: %(default)s)")
+    parser.add_argument("--context-tokens", type=cli.positive, default=1500, help="context cut to about this many tokens (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=cli.positive, default=64)
     parser.add_argument("--k", default="4,8", help="comma-separated draft lengths for lookup:K (default: %(default)s)")
-    parser.add_argument("--max-ngram", type=int, default=3, help="lookup: longest n-gram matched (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; 0 = torch's default)")
+    parser.add_argument("--max-ngram", type=cli.positive, default=3, help="lookup: longest n-gram matched (default: %(default)s)")
+    cli.add_threads_argument(parser)
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/speculative/<model>)")
 
@@ -52,8 +52,6 @@ def cut_at_whitespace(text: str, tokenizer, max_tokens: int) -> tuple[str, int, 
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
     from prompt_cache.models import load_model
@@ -64,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     for t in tasks:
         if t not in TEMPLATES:
             raise ValueError(f"no LongBench template for task {t!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     model_tag = args.model.replace(":", "-").replace("/", "_")
     out = outputs.run_dir(f"speculative/{model_tag}", args.out)
     (out / "items.jsonl").unlink(missing_ok=True)  # modes are compared within one run only

@@ -37,18 +37,16 @@ TARGETS = (  # (name, numerator, denominator, comparison, bound)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir or tiny:<arch> (default: %(default)s)")
-    parser.add_argument("--context", type=int, default=4000, help="tokens in the cached module (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each mode (default: %(default)s, at least 3)")
+    parser.add_argument("--context", type=cli.positive, default=4000, help="tokens in the cached module (default: %(default)s)")
+    parser.add_argument("--repeats", type=cli.positive, default=5, help="timed repeats of each mode (default: %(default)s, at least 3)")
     parser.add_argument("--profile", action="store_true", help="also break the cached paths down into their steps")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default: %(default)s: on a shared machine, intra-op threads stall on "
-                             "each other whenever another process holds a core; 0 = torch's default)")
+    cli.add_threads_argument(parser)
     parser.add_argument("--contention", type=cli.count, default=0, metavar="N",
                         help="run N competing PyTorch processes (multi-threaded matmuls, torch's default threads) "
                              "during the timed repeats; they stop by themselves (default: %(default)s)")
     parser.add_argument("--cli", action="store_true",
                         help="also time `pml run` as fresh processes (full prefill vs cached, --repeats each)")
-    parser.add_argument("--decode-tokens", type=int, default=32, metavar="N",
+    parser.add_argument("--decode-tokens", type=cli.count, default=32, metavar="N",
                         help="also time N greedy decode steps after the cached prefill, now against the earlier "
                              "behaviour (concatenating DynamicCache layers, transformers' sdpa), side by side "
                              "(default: %(default)s; 0 = skip)")
@@ -70,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
     out = outputs.run_dir(f"speed/{model_tag}", args.out)
     (out / "items.jsonl").unlink(missing_ok=True)  # one run's repeats only: the modes must share conditions
     items = outputs.ItemLog(out / "items.jsonl")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.apply_threads(args)
     from prompt_cache.models import describe_placement, load_model
 
     lm = load_model(args.model, cli.model_dtype(args), device=args.device, device_map=args.device_map)

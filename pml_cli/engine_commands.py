@@ -16,7 +16,7 @@ from pathlib import Path
 
 from attention_store.dtypes import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES
 from attention_store.policies import BUILTIN_SPECS, DEFAULT_POLICY, get_policy
-from experiments.cli import add_device_arguments, count
+from experiments.cli import add_device_arguments, count, thread_count
 from pml.model import Prompt, Schema
 from prompt_cache import DEFAULT_MODEL
 
@@ -166,16 +166,6 @@ def _model_args(p, writable_store: bool = False) -> None:
 def _threads_arg(p) -> None:
     p.add_argument("--threads", type=thread_count, metavar="N",
                    help="torch CPU threads (default: $PML_THREADS, else free cores by the load average)")
-
-
-def thread_count(text: str) -> int:
-    """argparse type of `--threads` (every command that runs the model)."""
-    from prompt_cache.threads import parse_threads
-
-    try:
-        return parse_threads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _policy_spec(spec: str) -> str:

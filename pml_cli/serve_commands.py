@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pml_cli.engine_commands import thread_count
+from experiments.cli import count, port, positive, thread_count
 from prompt_cache import DEFAULT_MODEL
 from serving import DEFAULT_MAX_BATCH
 
@@ -20,7 +20,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model folder or tiny:<arch> (default: %(default)s)")
     p.add_argument("--store", help="store folder (default: a user cache folder, one per model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--port", type=port, default=8000, help="(default: %(default)s)")
     p.add_argument("--schema", action="append", default=[], metavar="FILE",
                    help="PML schema file to register and pin at start (repeatable)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -33,29 +33,19 @@ def add_commands(sub) -> None:
                    help="answer a question whose embedding is at least THRESHOLD cosine-similar to an earlier one "
                         "in the same context and tenant from that earlier answer, without the model (off by default; "
                         "0.95 is the measured default, see docs/RESULTS.md); responses carry x-semantic-cache")
-    p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH, metavar="N",
+    p.add_argument("--max-batch", type=positive, default=DEFAULT_MAX_BATCH, metavar="N",
                    help="PML requests waiting at the same time (same tenant and settings) are answered together, "
                         "N at most, one forward per step for all (default: %(default)s; 1: one by one)")
     p.add_argument("--no-cache", action="store_true", help="compute every prompt in full; store nothing (baseline)")
-    p.add_argument("--min-prefix", type=int, default=1024,
+    p.add_argument("--min-prefix", type=count, default=1024,
                    help="shortest prefix served from the cache (default: %(default)s, as OpenAI and Anthropic)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per cached block (default: %(default)s)")
-    p.add_argument("--granularity", type=int, default=128,
+    p.add_argument("--block-size", type=positive, default=16, help="tokens per cached block (default: %(default)s)")
+    p.add_argument("--granularity", type=positive, default=128,
                    help="OpenAI usage reports cached tokens in multiples of this (default: %(default)s, as OpenAI)")
-    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
-    p.add_argument("--max-prompt-tokens", type=int, default=32768)
-    p.add_argument("--max-completion-tokens", type=int, default=4096)
+    p.add_argument("--max-body-bytes", type=positive, default=4 << 20)
+    p.add_argument("--max-prompt-tokens", type=positive, default=32768)
+    p.add_argument("--max-completion-tokens", type=positive, default=4096)
     p.set_defaults(func=cmd_serve)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
-    return value
 
 
 def _threshold(text: str) -> float:

