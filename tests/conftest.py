@@ -26,6 +26,25 @@ def tiny_archs():
     return TINY_ARCHS
 
 
+@pytest.fixture
+def machine(monkeypatch):
+    """Factory: `machine(cores, load)` makes the thread policy (`prompt_cache.threads`) see that
+    many usable cores and that 1-minute load average, with no `$PML_THREADS`; torch's thread
+    count is put back afterwards."""
+    import torch
+
+    from prompt_cache import threads
+
+    def pretend(cores: int, load: float) -> None:
+        monkeypatch.delenv(threads.ENV, raising=False)
+        monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, 0.0, 0.0))
+
+    before = torch.get_num_threads()
+    yield pretend
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data():
     """The shared evaluation data folder (`../shared/data` or $PML_DATA); tests skip without it."""

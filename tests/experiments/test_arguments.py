@@ -80,20 +80,14 @@ def test_bench_threads_default_environment_and_policy(monkeypatch):
         cli.bench_threads(_threads_args())
 
 
-def test_apply_threads_states_the_count_used(monkeypatch):
+def test_apply_threads_states_the_count_used(machine):
     import torch
 
-    monkeypatch.delenv(threads.ENV, raising=False)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.3, 0.0, 0.0))
-    before = torch.get_num_threads()
-    try:
-        args = _threads_args("--threads", "0")
-        assert cli.apply_threads(args) == 3 == args.threads == torch.get_num_threads()  # 4 cores, 1 busy
-        args = _threads_args()
-        assert cli.apply_threads(args) == 1 == args.threads == torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
+    machine(cores=4, load=1.3)
+    args = _threads_args("--threads", "0")
+    assert cli.apply_threads(args) == 3 == args.threads == torch.get_num_threads()  # 4 cores, 1 busy
+    args = _threads_args()
+    assert cli.apply_threads(args) == 1 == args.threads == torch.get_num_threads()
 
 
 def test_quality_defaults_to_the_policy(monkeypatch):

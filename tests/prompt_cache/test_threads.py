@@ -6,19 +6,15 @@ import torch
 from prompt_cache import threads
 
 
-def test_default_leaves_busy_cores_alone(monkeypatch):
-    monkeypatch.delenv(threads.ENV, raising=False)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
+def test_default_leaves_busy_cores_alone(machine, monkeypatch):
+    machine(cores=4, load=1.7)
     assert threads.default_threads() == 3  # one core busy
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
     assert threads.default_threads() == 1  # never zero
 
 
-def test_a_reserve_leaves_cores_to_other_work_but_never_zero_threads(monkeypatch):
-    monkeypatch.delenv(threads.ENV, raising=False)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.3, 0.0, 0.0))
+def test_a_reserve_leaves_cores_to_other_work_but_never_zero_threads(machine, monkeypatch):
+    machine(cores=4, load=0.3)
     assert threads.default_threads(reserve=1) == 3
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.7, 0.0, 0.0))
     assert threads.default_threads(reserve=1) == 2
@@ -28,20 +24,14 @@ def test_a_reserve_leaves_cores_to_other_work_but_never_zero_threads(monkeypatch
     assert threads.default_threads(reserve=1) == 4  # what the user set wins
 
 
-def test_the_server_model_thread_leaves_a_core_to_the_front_end(monkeypatch):
+def test_the_server_model_thread_leaves_a_core_to_the_front_end(machine):
     from serving import worker
 
-    monkeypatch.delenv(threads.ENV, raising=False)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    before = torch.get_num_threads()
-    try:
-        worker._set_threads(None)
-        assert torch.get_num_threads() == 2 - threads.SERVER_FRONT_END_CORES == 1
-        worker._set_threads(2)  # --threads 2
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    machine(cores=2, load=0.0)
+    worker._set_threads(None)
+    assert torch.get_num_threads() == 2 - threads.SERVER_FRONT_END_CORES == 1
+    worker._set_threads(2)  # --threads 2
+    assert torch.get_num_threads() == 2
 
 
 def test_environment_overrides_and_bad_values_are_errors(monkeypatch):
