@@ -69,6 +69,35 @@ def thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def similarity(text: str) -> float:
+    """A cosine similarity threshold in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in (0, 1], e.g. 0.95, got {text!r}")
+    return value
+
+
+def listed(item):
+    """An argparse type: a comma-separated list, each entry of type `item` (`--lengths 1000,2000`);
+    a bad entry is named in the one-line error."""
+    def parse(text: str) -> list:
+        entries = [e.strip() for e in text.split(",") if e.strip()]
+        if not entries:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        out = []
+        for e in entries:
+            try:
+                out.append(item(e))
+            except argparse.ArgumentTypeError as why:
+                raise argparse.ArgumentTypeError(f"{why} (in {text!r})") from None
+        return out
+    parse.__name__ = f"list of {item.__name__}"
+    return parse
+
+
 BENCH_THREADS = 1  # the benchmarks' torch threads unless told: the same count in every run and on any machine
 
 

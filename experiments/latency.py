@@ -51,9 +51,9 @@ class Point:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model dir, or tiny:<arch> (default: %(default)s)")
-    parser.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+    parser.add_argument("--lengths", type=cli.listed(cli.positive), default=",".join(map(str, DEFAULT_LENGTHS)),
                         help="context lengths in tokens, comma-separated (default: %(default)s; 8192 works too)")
-    parser.add_argument("--modules", default=",".join(map(str, DEFAULT_MODULES)),
+    parser.add_argument("--modules", type=cli.listed(cli.positive), default=",".join(map(str, DEFAULT_MODULES)),
                         help="module counts the context is split into (default: %(default)s)")
     parser.add_argument("--repeats", type=cli.positive, default=3, help="timed repeats per point (default: %(default)s)")
     parser.add_argument("--new-tokens", type=cli.positive, default=16, help="tokens generated per answer, for the decode rate (default: %(default)s)")
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from prompt_cache.engine import PromptCache
     from prompt_cache.generation import GenerationConfig
 
-    lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
-    counts = [int(x) for x in str(args.modules).split(",") if x.strip()]
+    lengths = list(args.lengths)
+    counts = list(args.modules)
     if args.limit is not None:
         lengths = lengths[: args.limit]
     model_tag = args.model.replace(":", "-").replace("/", "_")

@@ -53,7 +53,7 @@ REWRITES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paragraphs", type=cli.positive, default=150, help="SQuAD paragraphs used (default: %(default)s)")
-    parser.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated cosine thresholds")
+    parser.add_argument("--thresholds", type=cli.listed(cli.similarity), default=THRESHOLDS, help="comma-separated cosine thresholds")
     parser.add_argument("--index", default="auto", choices=["auto", "faiss", "flat"], help="vector index (default: %(default)s)")
     cli.add_threads_argument(parser)
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     path = data_dir(args.data) / "squad_v2" / "dev-v2.0.cs224n.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    thresholds = list(args.thresholds)
     out = outputs.run_dir("semantic", args.out)
     paras = load_paragraphs(path, args.paragraphs)
     embedder = MemoEmbedder(MiniLMEmbedder())

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=cli.positive, default=5, help="items per task (default: %(default)s)")
     parser.add_argument("--context-tokens", type=cli.positive, default=1500, help="context cut to about this many tokens (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=cli.positive, default=64)
-    parser.add_argument("--k", default="4,8", help="comma-separated draft lengths for lookup:K (default: %(default)s)")
+    parser.add_argument("--k", type=cli.listed(cli.positive), default="4,8", help="comma-separated draft lengths for lookup:K (default: %(default)s)")
     parser.add_argument("--max-ngram", type=cli.positive, default=3, help="lookup: longest n-gram matched (default: %(default)s)")
     cli.add_threads_argument(parser)
     parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from prompt_cache.models import load_model
     from prompt_cache.speculative import SpeculativeConfig
 
-    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    ks = list(args.k)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TEMPLATES:

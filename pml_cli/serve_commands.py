@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from experiments.cli import count, port, positive, thread_count
+from experiments.cli import count, port, positive, similarity, thread_count
 from prompt_cache import DEFAULT_MODEL
 from serving import DEFAULT_MAX_BATCH
 
@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=thread_count, metavar="N",
                    help="torch threads of the model worker (default: $PML_THREADS, else free cores by the load average "
                         "less one left to the HTTP front end, at least 1)")
-    p.add_argument("--semantic-cache", type=_threshold, metavar="THRESHOLD",
+    p.add_argument("--semantic-cache", type=similarity, metavar="THRESHOLD",
                    help="answer a question whose embedding is at least THRESHOLD cosine-similar to an earlier one "
                         "in the same context and tenant from that earlier answer, without the model (off by default; "
                         "0.95 is the measured default, see docs/RESULTS.md); responses carry x-semantic-cache")
@@ -46,16 +46,6 @@ def add_commands(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=positive, default=32768)
     p.add_argument("--max-completion-tokens", type=positive, default=4096)
     p.set_defaults(func=cmd_serve)
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"a cosine similarity in (0, 1], e.g. 0.95, not {text!r}")
-    return value
 
 
 def _fail(message: str) -> int:

@@ -10,7 +10,13 @@ import pytest
 from experiments import cli
 from prompt_cache import threads
 
-TYPES = {cli.count: ("-1", "x"), cli.positive: ("0", "x"), cli.port: ("-1", "65536"), cli.thread_count: ("0", "x")}
+TYPES = {cli.count: ("-1", "x"), cli.positive: ("0", "x"), cli.port: ("-1", "65536"), cli.thread_count: ("0", "x"),
+         cli.similarity: ("0", "1.5", "high")}
+LISTS = (",", "1,x", "1,-2")  # bad values of every comma-separated list of numbers (`cli.listed`)
+
+
+def _bad_values(kind) -> tuple[str, ...]:
+    return LISTS if getattr(kind, "__name__", "").startswith("list of") else TYPES.get(kind, ())
 
 
 def _subs(parser) -> dict:
@@ -35,7 +41,7 @@ def _commands():
 def _numeric_options():
     for prefix, p in _commands():
         for action in p._actions:
-            if action.type in (int, float) or action.type in TYPES:
+            if action.type in (int, float) or _bad_values(action.type):
                 yield prefix, action
 
 
@@ -47,13 +53,19 @@ def test_every_numeric_option_is_validated():
     assert sum(1 for _ in _numeric_options()) > 50  # the walk found the options (every experiment's included)
 
 
+def test_lists_of_numbers_parse_to_lists():
+    args = cli.build_parser().parse_args(["latency", "--lengths", "100, 200,", "--modules", "3"])
+    assert args.lengths == [100, 200] and args.modules == [3]
+    assert cli.build_parser().parse_args(["semantic"]).thresholds[:2] == [0.80, 0.85]  # the default, parsed too
+
+
 @pytest.mark.parametrize("prefix, action", [pytest.param(p, a, id=f"{' '.join(p)} {a.option_strings[0]}")
                                             for p, a in _numeric_options()])
 def test_a_bad_number_is_a_one_line_parser_error(prefix, action, capsys):
     from pml_cli.main import main
 
     option = action.option_strings[0]
-    for bad in TYPES[action.type]:
+    for bad in _bad_values(action.type):
         with pytest.raises(SystemExit) as e:  # `pml` parses before it loads anything
             main([*prefix, option, bad])
         assert e.value.code == 2
