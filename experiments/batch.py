@@ -120,8 +120,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     from experiments.cli import main
 
     raise SystemExit(main(["batch", *sys.argv[1:]]))

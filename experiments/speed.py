@@ -202,8 +202,6 @@ def run(args: argparse.Namespace) -> int:
 
 def profile(pc, s, bound, store_dir: Path, lm, repeats: int) -> list[dict]:
     """Time the steps of the cached paths one by one (library calls, timed from outside)."""
-    import torch
-
     from attention_store import encoder
     from prompt_cache import assembler
     from attention_store.store import open_store
