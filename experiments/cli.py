@@ -175,10 +175,12 @@ def add_experiments(sub) -> None:
 
 def _dispatch(name: str):
     def call(args: argparse.Namespace) -> int:
+        from prompt_cache.models import UnknownModel
+
         logging.basicConfig(level=logging.WARNING, format="pml: %(message)s", stream=sys.stderr)
         try:
             return _module(name).run(args)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, UnknownModel) as e:
             print(f"pml bench {name}: error: {e}", file=sys.stderr)
             return 2
     return call

@@ -276,7 +276,7 @@ class UserError(Exception):
 
 def _load(name: str, device: str | None = None, device_map: str | None = None, dtype: str = "fp32"):
     from attention_store.dtypes import storage_dtype
-    from prompt_cache.models import load_model, resolve_device
+    from prompt_cache.models import UnknownModel, load_model, resolve_device
 
     try:
         resolve_device(device, device_map)  # a device this machine lacks fails before any loading
@@ -284,8 +284,8 @@ def _load(name: str, device: str | None = None, device_map: str | None = None, d
         raise UserError(str(e)) from None
     try:
         return load_model(name, storage_dtype(dtype), device=device, device_map=device_map)
-    except KeyError as e:  # unknown model name: the message lists the built-in ones
-        raise UserError(e.args[0]) from None
+    except UnknownModel as e:  # the message lists the built-in ones
+        raise UserError(str(e)) from None
     except (RuntimeError, FileNotFoundError, OSError) as e:
         raise UserError(f"cannot load model {name!r}: {e}") from None
 

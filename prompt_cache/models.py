@@ -116,9 +116,17 @@ def model_spec(name: str) -> ModelSpec:
     return REGISTRY[name]
 
 
-def _unknown_model(name: str) -> KeyError:
-    return KeyError(f"unknown model {name!r}: built-in models are {', '.join(sorted(REGISTRY))}; "
-                    "or pass a local Hugging Face model dir or a hub id (owner/name)")
+class UnknownModel(KeyError):
+    """A model name that is neither built in, nor a folder, nor a hub id (a `KeyError`, as a
+    registry lookup raises); `str()` is the message, not its repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _unknown_model(name: str) -> UnknownModel:
+    return UnknownModel(f"unknown model {name!r}: built-in models are {', '.join(sorted(REGISTRY))}; "
+                        "or pass a local Hugging Face model dir or a hub id (owner/name)")
 
 
 def _distribution_version(dist: str) -> str | None:

@@ -108,3 +108,12 @@ def test_quality_defaults_to_the_policy(monkeypatch):
     assert args.threads is None and cli.bench_threads(args) == 0  # free cores by the load average
     args = cli.build_parser().parse_args(["speed"])
     assert cli.bench_threads(args) == 1
+
+
+@pytest.mark.parametrize("name", ["batch", "speed"])
+def test_an_unknown_model_is_a_one_line_error(name, capsys):
+    from pml_cli.main import main
+
+    assert main(["bench", name, "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown model 'no-such-model'" in err and "smollm2-135m" in err
