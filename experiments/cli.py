@@ -101,15 +101,16 @@ def listed(item):
 BENCH_THREADS = 1  # the benchmarks' torch threads unless told: the same count in every run and on any machine
 
 
-def add_threads_argument(p: argparse.ArgumentParser, default: int | None = BENCH_THREADS, engines: str = "") -> None:
+def add_threads_argument(p: argparse.ArgumentParser, default: int | None = BENCH_THREADS, engines: str = "torch",
+                         chooser: str = "pml run") -> None:
     """`--threads N` of an experiment. Unset: `$PML_THREADS`, else `default` (None: the thread
     policy's choice). 0: the thread policy's choice (`prompt_cache.threads`: the free cores by the
-    load average, as `pml run` uses), not torch's one thread per core, which stalls whenever
-    another process holds a core."""
-    said = "the free cores by the load average" if default is None else default
-    p.add_argument("--threads", type=count, default=None, metavar="N",
-                   help=f"{engines or 'torch'} threads (default: $PML_THREADS, else {said}; 0: as `pml run` "
-                        "chooses, $PML_THREADS or the free cores by the load average)")
+    load average, as `pml run` uses; a server's own, as `pml serve` makes it, where `chooser` says
+    so), never torch's one thread per core, which stalls whenever another process holds a core."""
+    policy = f"as `{chooser}` chooses"
+    said = (f"default and 0: {policy}, $PML_THREADS or the free cores by the load average" if default is None
+            else f"default: $PML_THREADS, else {default}; 0: {policy}")
+    p.add_argument("--threads", type=count, default=None, metavar="N", help=f"{engines} threads ({said})")
     p.set_defaults(threads_default=default)
 
 

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=cli.positive, default=4, help="tokens generated per request (default: %(default)s)")
     parser.add_argument("--min-prefix", type=cli.count, default=1024, help="(default: %(default)s)")
     parser.add_argument("--block-size", type=cli.positive, default=16, help="prefix cache block (default: %(default)s)")
-    cli.add_threads_argument(parser, engines="each server's model")
+    cli.add_threads_argument(parser, engines="each server's model", chooser="pml serve")
     parser.add_argument("--contention", type=count, default=0, metavar="N",
                         help="run N competing PyTorch processes (as `pml bench speed --contention`) while the "
                              "servers answer (default: %(default)s)")
