@@ -111,9 +111,9 @@ def test_quality_defaults_to_the_policy(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["batch", "speed"])
-def test_an_unknown_model_is_a_one_line_error(name, capsys):
+def test_an_unknown_model_is_a_one_line_error(name, capsys, tmp_path):
     from pml_cli.main import main
 
-    assert main(["bench", name, "--model", "no-such-model"]) == 2
+    assert main(["bench", name, "--model", "no-such-model", "--out", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown model 'no-such-model'" in err and "smollm2-135m" in err
