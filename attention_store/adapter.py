@@ -194,7 +194,7 @@ class BufferedLayer(DynamicLayer):
         """Fresh buffers shaped like `like` (`[1, kv_heads, *, head_dim]`) with `capacity` tokens."""
         self.dtype, self.device = dtype or like.dtype, torch.device(device or like.device)
         shape = (*like.shape[:-2], capacity, like.shape[-1])
-        if self.device.type == "cpu":  # huge pages: a fresh buffer costs far fewer page faults
+        if self.device.type == "cpu":  # huge pages from HUGE_MIN_BYTES up (scripts/probes/kv_pages.py: smaller, not)
             self._k, self._v = empty_tensor(shape, self.dtype), empty_tensor(shape, self.dtype)
         else:
             self._k = torch.empty(shape, dtype=self.dtype, device=self.device)
