@@ -42,8 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contention", type=cli.count, default=0, metavar="N",
                    help="run N competing PyTorch processes (as `pml bench speed --contention`) during the timed "
                         "repeats (default: %(default)s)")
-    p.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/batch/<model>)")
+    cli.add_run_arguments(p, "batch/<model>")
     cli.add_device_arguments(p)
 
 

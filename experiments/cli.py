@@ -140,6 +140,15 @@ def apply_threads(args: argparse.Namespace) -> int:
     return args.threads
 
 
+def add_run_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """`--data` (the evaluation data folder, `experiments.data.data_dir`) and `--out` (the run
+    folder, `out` under runs/ by default, e.g. "batch/<model>") of an experiment."""
+    from experiments.data import ENV_VAR
+
+    p.add_argument("--data", default=None, help=f"shared data folder (default: ${ENV_VAR} or ../shared/data)")
+    p.add_argument("--out", default=None, help=f"run folder (default: runs/{out})")
+
+
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """`--device` and `--device-map` for every command that loads a model (experiments and `pml`)."""
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps: the whole model on one device (default: cpu; "

@@ -72,8 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-prefix", type=cli.count, default=1024, help="the caching server's minimum prefix (default: %(default)s)")
     cli.add_threads_argument(parser, engines="each server's model", chooser="pml serve")
     parser.add_argument("--prices", help="JSON file overriding PRICES (same shape: provider -> field -> USD per Mtok)")
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/cost/<model>)")
+    cli.add_run_arguments(parser, "cost/<model>")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=cli.positive, default=16, help="tokens generated per answer, for the decode rate (default: %(default)s)")
     parser.add_argument("--limit", type=cli.positive, default=None, help="run only the first N lengths (quick runs)")
     cli.add_threads_argument(parser)
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/latency/<model>)")
+    cli.add_run_arguments(parser, "latency/<model>")
     cli.add_device_arguments(parser)
 
 

@@ -45,8 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passages", type=cli.positive, default=20, help="MuSiQue passages per schema (default: %(default)s)")
     parser.add_argument("--limit", type=cli.positive, default=None, help="run only the first N models (quick runs)")
     cli.add_threads_argument(parser)
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/memory)")
+    cli.add_run_arguments(parser, "memory")
     cli.add_device_arguments(parser)
 
 

@@ -40,8 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=cli.positive, default=4000, help="tokens in the document (default: %(default)s)")
     p.add_argument("--repeats", type=cli.positive, default=3, help="timed repeats of each case and engine (default: %(default)s)")
     cli.add_threads_argument(p, engines="both engines' (torch intra-op, llama.cpp n_threads and n_threads_batch)")
-    p.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/peers/<model>)")
+    cli.add_run_arguments(p, "peers/<model>")
 
 
 class LlamaCpp:

@@ -40,8 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "blend:R, link:K (default: independent schema)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="registry name (smollm2-135m, gemma3-270m), model folder, or tiny:<arch> for smoke tests")
-    p.add_argument("--data", help="evaluation data folder (default: $PML_DATA or ../shared/data)")
-    p.add_argument("--out", help="output folder (default: runs/quality/<model>)")
+    cli.add_run_arguments(p, "quality/<model>")
     p.add_argument("--max-context-tokens", type=cli.positive, default=2048,
                    help="contexts longer than this are truncated, explicitly and reported (default 2048)")
     p.add_argument("--max-new-tokens", type=cli.positive, help="override every task's max new tokens")

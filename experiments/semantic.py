@@ -56,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", type=cli.listed(cli.similarity), default=THRESHOLDS, help="comma-separated cosine thresholds")
     parser.add_argument("--index", default="auto", choices=["auto", "faiss", "flat"], help="vector index (default: %(default)s)")
     cli.add_threads_argument(parser)
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/semantic)")
+    cli.add_run_arguments(parser, "semantic")
 
 
 def load_paragraphs(path, limit: int) -> list[list[dict]]:

@@ -50,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run N competing PyTorch processes (as `pml bench speed --contention`) while the "
                              "servers answer (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: repeat, concurrent")
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/serving/<model>)")
+    cli.add_run_arguments(parser, "serving/<model>")
 
 
 def run(args: argparse.Namespace) -> int:

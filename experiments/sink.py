@@ -29,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=cli.positive, default=6, help="items per task")
     p.add_argument("--max-context-tokens", type=cli.positive, default=2048)
     p.add_argument("--max-new-tokens", type=cli.positive, default=24)
-    p.add_argument("--data", help="data folder (default: $PML_DATA or ../shared/data)")
-    p.add_argument("--out", help="run folder (default: runs/sink/<model>)")
+    cli.add_run_arguments(p, "sink/<model>")
     cli.add_threads_argument(p, default=None)
     cli.add_device_arguments(p)
 

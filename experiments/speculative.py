@@ -36,8 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=cli.listed(cli.positive), default="4,8", help="comma-separated draft lengths for lookup:K (default: %(default)s)")
     parser.add_argument("--max-ngram", type=cli.positive, default=3, help="lookup: longest n-gram matched (default: %(default)s)")
     cli.add_threads_argument(parser)
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/speculative/<model>)")
+    cli.add_run_arguments(parser, "speculative/<model>")
 
 
 def cut_at_whitespace(text: str, tokenizer, max_tokens: int) -> tuple[str, int, int]:

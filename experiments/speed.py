@@ -50,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time N greedy decode steps after the cached prefill, now against the earlier "
                              "behaviour (concatenating DynamicCache layers, transformers' sdpa), side by side "
                              "(default: %(default)s; 0 = skip)")
-    parser.add_argument("--data", default=None, help="shared data folder (default: $PML_DATA or ../shared/data)")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/speed/<model>)")
+    cli.add_run_arguments(parser, "speed/<model>")
     cli.add_device_arguments(parser)
 
 
