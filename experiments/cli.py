@@ -117,17 +117,16 @@ def add_threads_argument(p: argparse.ArgumentParser, default: int | None = BENCH
 def bench_threads(args: argparse.Namespace) -> int:
     """The thread count `add_threads_argument` asked for, resolved except for 0 (the policy's
     choice, which a server decides for itself)."""
-    import os
-
-    from prompt_cache.threads import ENV, parse_threads
+    from prompt_cache.threads import ENV, env_threads
 
     if args.threads is not None:
         return args.threads
-    if os.environ.get(ENV):
-        try:
-            return parse_threads(os.environ[ENV])
-        except ValueError as e:
-            raise SystemExit(f"error: ${ENV}: {e}") from None
+    try:
+        chosen = env_threads()
+    except ValueError as e:
+        raise SystemExit(f"error: ${ENV}: {e}") from None
+    if chosen is not None:
+        return chosen
     return 0 if args.threads_default is None else args.threads_default
 
 

@@ -27,7 +27,6 @@ from types import SimpleNamespace
 
 from experiments import outputs, speed_extras
 from experiments import cli
-from experiments.cli import count
 from experiments.data import data_dir
 from experiments.common import document_pool, exact_text, reset_store_dir
 from prompt_cache import DEFAULT_MODEL
@@ -46,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-prefix", type=cli.count, default=1024, help="(default: %(default)s)")
     parser.add_argument("--block-size", type=cli.positive, default=16, help="prefix cache block (default: %(default)s)")
     cli.add_threads_argument(parser, engines="each server's model", chooser="pml serve")
-    parser.add_argument("--contention", type=count, default=0, metavar="N",
+    parser.add_argument("--contention", type=cli.count, default=0, metavar="N",
                         help="run N competing PyTorch processes (as `pml bench speed --contention`) while the "
                              "servers answer (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: repeat, concurrent")

@@ -93,8 +93,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
 
 
 # -- argument types: checked while parsing, before any model loads or anything is written ---------
-
-
+# (the numeric ones every command shares are in experiments.cli)
 
 
 def _finite(text: str) -> float:

@@ -56,6 +56,7 @@ def cmd_serve(args) -> int:
     from attention_store.kernels import KernelError
     from attention_store.store import StoreMismatch
     from pml.errors import PMLError
+    from prompt_cache.models import UnknownModel
     from prompt_cache.prefix import PrefixConfig
     from serving.app import Limits
     from serving.server import ServeConfig, build_worker, serve
@@ -78,8 +79,8 @@ def cmd_serve(args) -> int:
             prefix=PrefixConfig(block_size=args.block_size, min_prefix=args.min_prefix, granularity=args.granularity),
             limits=Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_completion_tokens))
         worker = build_worker(config)
-    except (ValueError, KeyError, OSError, StoreMismatch, KernelError) as e:
-        return _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+    except (ValueError, UnknownModel, OSError, StoreMismatch, KernelError) as e:
+        return _fail(str(e))
     except PMLError as e:
         return _fail(str(e))
     serve(config, worker)

@@ -428,7 +428,7 @@ def load_model(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torc
 
         arch = name.removeprefix("tiny:")
         if arch not in TINY_ARCHS:
-            raise KeyError(f"unknown tiny model {name!r}: choose tiny:{', tiny:'.join(TINY_ARCHS)}")
+            raise UnknownModel(f"unknown tiny model {name!r}: choose tiny:{', tiny:'.join(TINY_ARCHS)}")
         lm = tiny_model(arch, dtype=dtype)
         if device_map is not None:
             _dispatch(lm.model, device_map)

@@ -52,12 +52,16 @@ def busy_cores() -> int:
         return 0
 
 
+def env_threads() -> int | None:
+    """`$PML_THREADS` as a count (a ValueError saying so if it is not one), or None when unset."""
+    return parse_threads(os.environ[ENV]) if os.environ.get(ENV) else None
+
+
 def default_threads(reserve: int = 0) -> int:
     """`$PML_THREADS` if set, else usable cores minus the busy ones (1-minute load average) minus
     `reserve` (cores left to other work of this process), at least 1."""
-    if os.environ.get(ENV):
-        return parse_threads(os.environ[ENV])
-    return max(1, usable_cores() - busy_cores() - reserve)
+    chosen = env_threads()
+    return chosen if chosen is not None else max(1, usable_cores() - busy_cores() - reserve)
 
 
 WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # what the user may set instead

@@ -111,9 +111,10 @@ def test_quality_defaults_to_the_policy(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["batch", "speed"])
-def test_an_unknown_model_is_a_one_line_error(name, capsys, tmp_path):
+@pytest.mark.parametrize("model, says", [("no-such-model", "smollm2-135m"), ("tiny:nope", "tiny:llama")])
+def test_an_unknown_model_is_a_one_line_error(name, model, says, capsys, tmp_path):
     from pml_cli.main import main
 
-    assert main(["bench", name, "--model", "no-such-model", "--out", str(tmp_path / name)]) == 2
+    assert main(["bench", name, "--model", model, "--out", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown model 'no-such-model'" in err and "smollm2-135m" in err
+    assert err.count("\n") == 1 and f"model '{model}'" in err and says in err

@@ -62,6 +62,9 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys):
     assert main(["encode", str(files / "s.pml"), "--model", "no-such-model", "--store", str(files / "st")]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'no-such-model'" in err and "smollm2-135m" in err and "Traceback" not in err
+    assert main(["encode", str(files / "s.pml"), "--model", "tiny:nope", "--store", str(files / "st")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tiny model 'tiny:nope'" in err and "tiny:llama" in err and "Traceback" not in err
     store = str(files / "store")
     assert main(["encode", str(files / "s.pml"), "--model", "tiny:llama", "--store", store]) == 0
     assert main(["encode", str(files / "s.pml"), "--model", "tiny:qwen2", "--store", store]) == 2

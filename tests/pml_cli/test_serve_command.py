@@ -65,6 +65,13 @@ def test_bad_cache_settings_are_one_line_and_exit_2(capsys):
         "pml: error: argument --block-size: expected a whole number >= 1, got '0'")
 
 
+@pytest.mark.parametrize("model", ["no-such-model", "tiny:nope"])
+def test_unknown_model_is_one_line_and_exit_2(model, tmp_path, capsys):
+    assert main(["serve", "--model", model, "--port", "0", "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pml: error: unknown") and f"'{model}'" in err[0]
+
+
 def test_busy_port_is_one_line_and_exit_2(capsys):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
