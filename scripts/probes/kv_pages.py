@@ -8,13 +8,21 @@ mapping per buffer):
   4,000 cached tokens): a packed batch step of 8 prompts (24 rows per K/V head) and one prompt's
   step (3 rows); the flash kernel of a batch prefill for comparison;
 - what a cache's buffers cost to get: allocating 60 such buffers and filling them once (as an
-  assembly does), round after round in this process (round 0 is a fresh process's first touch).
+  assembly does), round after round in this process (round 0 is a fresh process's first touch);
+- with `--engine`, what a pool of reused huge-page buffers would gain end to end:
+  `scripts/probes/batch_split.py` (a batch of 8 and one prompt, answered by the engine) in two
+  child processes, one as the library is, one with every cache carved from a single huge-page
+  arena that each answer reuses (the steady state of such a pool; allocated and first touched in
+  the untimed warm-up).
 
-    python scripts/probes/kv_pages.py [--rounds 4] [--repeats 9]
+    python scripts/probes/kv_pages.py [--rounds 4] [--repeats 9] [--engine]
 """
 
 import argparse
 import mmap
+import os
+import subprocess
+import sys
 import time
 
 import _setup  # noqa: F401 (puts the checkout on sys.path)
@@ -63,10 +71,56 @@ def times(fn, repeats: int) -> tuple[float, float]:
     return min(out), sorted(out)[len(out) // 2]
 
 
+def arena_child() -> None:
+    """In this process, every cache buffer comes from one 2 MiB-aligned huge-page arena, reset at
+    the start of each answer (the previous answer's cache is gone by then), then batch_split runs."""
+    import numpy as np
+    import torch
+
+    from attention_store import adapter
+    from prompt_cache import engine
+
+    size = 1 << 30
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    raw = np.frombuffer(m, dtype=np.uint8)
+    start = (-raw.ctypes.data) % HUGE
+    at = [start]
+
+    def empty_tensor(shape, dtype):
+        n = torch.empty(0, dtype=dtype).element_size()
+        for s in shape:
+            n *= s
+        here, at[0] = at[0], at[0] + (n + 4095) // 4096 * 4096
+        assert at[0] <= size, "arena too small for one answer's cache"
+        return torch.frombuffer(memoryview(raw[here:here + n]), dtype=dtype).view(shape)
+
+    adapter.empty_tensor = empty_tensor
+    for name in ("answer", "answer_batch"):
+        def reset_first(self, *a, _call=getattr(engine.PromptCache, name), **k):
+            at[0] = start
+            return _call(self, *a, **k)
+        setattr(engine.PromptCache, name, reset_first)
+
+
+def engine_runs() -> None:
+    """batch_split.py in two child processes (run from this folder, so both probes import): as the
+    library is, and with `arena_child()` first."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, arena in (("as the library is (4 KiB pages)", False), ("one reused huge-page arena", True)):
+        print(f"\nbatch_split.py, caches {name}:", flush=True)
+        code = ("import runpy, sys, kv_pages\n"
+                + ("kv_pages.arena_child()\n" if arena else "")
+                + "sys.argv = ['batch_split.py', '--runs', '2']\nrunpy.run_path('batch_split.py', run_name='__main__')\n"
+                + "print(*[l.strip() for l in open('/proc/self/smaps_rollup') if 'AnonHuge' in l])\n")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=4, help="allocate-and-fill rounds of each kind (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per kernel figure (default: %(default)s)")
+    p.add_argument("--engine", action="store_true", help="also run batch_split.py with and without a reused arena")
     args = p.parse_args()
 
     import torch
@@ -107,6 +161,8 @@ def main() -> None:
         c = times(lambda: [ops.flash_attention(pre_q, k, v, pre_mask, 0.125) for k, v in pre], 3)
         print(f"  {name:12s} batch step {a[0]:.1f} / {a[1]:.1f}; one prompt's step {b[0]:.1f} / {b[1]:.1f}; "
               f"batch prefill (flash) {c[0]:.0f} / {c[1]:.0f}")
+    if args.engine:
+        engine_runs()
 
 
 if __name__ == "__main__":
