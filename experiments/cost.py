@@ -314,3 +314,11 @@ def price(api: str, usages: list[dict], prices: dict) -> tuple[float, float]:
                    + u["completion_tokens"] * p["output"])
             off += u["prompt_tokens"] * p["input"] + u["completion_tokens"] * p["output"]
     return on / 1e6, off / 1e6
+
+
+if __name__ == "__main__":
+    import sys
+
+    from experiments.cli import main
+
+    raise SystemExit(main(["cost", *sys.argv[1:]]))

@@ -358,3 +358,9 @@ def run(args: argparse.Namespace) -> int:
     print(outputs.markdown_table(summary, cols))
     print(f"wrote {root / 'summary.csv'}, {root / 'report.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    from experiments.cli import main
+
+    raise SystemExit(main(["quality", *sys.argv[1:]]))

@@ -147,3 +147,11 @@ def compare_policies(lm, store, schema, prompt, policies: list[str], max_new_tok
             "mean_kl": round(metrics.mean_kl(base_lp, lp), 5) if forced else None,
             "identical": r.token_ids == base.token_ids, "text": r.text})
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from experiments.cli import main
+
+    raise SystemExit(main(["recovery", *sys.argv[1:]]))

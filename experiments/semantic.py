@@ -217,3 +217,9 @@ def run(args: argparse.Namespace) -> int:
                                    ("The most similar different-question pairs", outputs.markdown_table(examples))])
     print((out / "report.md").read_text())
     return 0
+
+
+if __name__ == "__main__":
+    from experiments.cli import main
+
+    raise SystemExit(main(["semantic", *sys.argv[1:]]))

@@ -156,3 +156,11 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from experiments.cli import main
+
+    raise SystemExit(main(["serving", *sys.argv[1:]]))

@@ -142,3 +142,9 @@ def write_report(out: Path, summary: list[dict], args, dtype: str) -> None:
     outputs.write_report(out / "report.md", "Speculative decoding: prompt lookup vs plain greedy",
                          model=args.model, dtype=dtype,
                          sections=[("Setup", setup), ("Results", outputs.markdown_table(summary))])
+
+
+if __name__ == "__main__":
+    from experiments.cli import main
+
+    raise SystemExit(main(["speculative", *sys.argv[1:]]))

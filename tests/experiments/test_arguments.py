@@ -118,3 +118,17 @@ def test_an_unknown_model_is_a_one_line_error(name, model, says, capsys, tmp_pat
     assert main(["bench", name, "--model", model, "--out", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"model '{model}'" in err and says in err
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, the module imported already
+@pytest.mark.parametrize("name", list(cli.EXPERIMENTS))
+def test_python_dash_m_runs_each_experiment(name, monkeypatch, capsys):
+    # `python -m experiments.NAME` is the rerun command the docs give: it must reach the same parser
+    # as `pml bench NAME` (a module without a __main__ block ran nothing and exited 0)
+    import runpy
+
+    monkeypatch.setattr("sys.argv", [f"experiments/{name}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(f"experiments.{name}", run_name="__main__", alter_sys=False)
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m experiments {name}")
